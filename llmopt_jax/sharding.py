@@ -111,9 +111,29 @@ def param_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
   return tuple(axes) if axes else (None,) * np.ndim(variable.get_value())
 
 
-def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
-  """NamedShardings for an (abstract) NNX state, from each variable's logical axes."""
-  def to_sharding(variable: nnx.Variable) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(param_axes(variable), rules))
+def tree_shardings(abstract_tree, mesh: Mesh, rules: Rules):
+  """NamedShardings for a pytree holding NNX variables (params, optimizer state, ...).
+
+  A variable is split by its logical axes; any other leaf (a step counter, a scalar of the
+  optimizer state) is replicated. Optax keeps the variable wrappers of the parameters in its
+  moment estimates, so the optimizer state inherits the parameters' shardings for free. The
+  result has the structure of `abstract_tree` (variables keep their wrappers), so it can be
+  zipped with it leaf by leaf.
+  """
+  def to_sharding(leaf):
+    if isinstance(leaf, nnx.Variable):
+      return leaf.replace(NamedSharding(mesh, logical_to_spec(param_axes(leaf), rules)))
+    return NamedSharding(mesh, PartitionSpec())
   return jax.tree.map(
-      to_sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+      to_sharding, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """Examples split over the data-like mesh axes, everything else replicated."""
+  return NamedSharding(mesh, logical_to_spec(('batch',), rules))
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict:
+  """Assembles this process's slice of a batch into global arrays split along the batch."""
+  sharding = batch_sharding(mesh, rules)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -1,0 +1,59 @@
+"""Pretrain a decoder-only LM (Llama-style) on the shipped tiny Shakespeare corpus.
+
+  python main.py --config=configs/pretrain.py --workdir=runs/lm
+  python main.py --config=configs/pretrain.py:tiny --workdir=/tmp/lm           # seconds
+  python main.py --config=configs/pretrain.py:model=base,tokenizer=byte --workdir=runs/lm_b
+  python main.py --config=configs/pretrain.py --config.optim.lr=1e-3 --workdir=runs/lm_lr
+
+Arguments (after the colon): tiny, model=<preset> (tiny|small|base|llama_1b|llama_7b),
+tokenizer=<bpe|byte>.
+"""
+
+import ml_collections
+
+from llmopt_jax import configlib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = configlib.parse_arg(arg, tiny=False, model='small', tokenizer='bpe')
+  config = configlib.common(seed=0)
+  config.stage = 'pretrain'
+
+  # Every field of the preset; `vocab_size` is replaced by the tokenizer's (rounded up).
+  config.model = configlib.model_fields('tiny' if arg.tiny else arg.model)
+  config.model.dropout_rate = 0.1
+  config.model.attention_dropout_rate = 0.0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'tiny_shakespeare'  # a shipped builder, or any TFDS text set (lm1b, c4)
+  config.data.tfds_data_dir = ''         # '' = TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+  config.data.text_field = 'text'
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.data.tokenizer = arg.tokenizer  # 'bpe' (trained on the train split) or 'byte'
+  config.data.vocab_size = 2048          # BPE only; small corpus, small vocabulary
+  config.data.seq_len = 128
+
+  config.optim = configlib.optimizer(lr=3e-3, warmup_steps=50)
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 32           # global, in sequences
+  config.train.num_micro_batches = 1     # gradient accumulation: batch_size / k per pass
+  config.train.num_steps = 600
+  config.train.log_every = 20
+  config.train.eval_every = 100
+  config.train.eval_batches = 0          # 0 = the whole validation split
+
+  config.checkpoint.every_steps = 100
+
+  if arg.tiny:  # seconds on a laptop CPU; every test reuses this
+    config.data.tokenizer = 'byte'
+    config.data.seq_len = 32
+    config.optim.warmup_steps = 2
+    config.train.batch_size = 8
+    config.train.num_steps = 6
+    config.train.log_every = 2
+    config.train.eval_every = 3
+    config.train.eval_batches = 2
+    config.checkpoint.every_steps = 3
+  return config

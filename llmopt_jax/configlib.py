@@ -1,0 +1,91 @@
+"""Helpers for the experiment configs under `configs/`.
+
+A config file is `get_config(arg)` returning an `ml_collections.ConfigDict`. The optional
+`arg` after the colon (`configs/pretrain.py:tiny,model=base`) is parsed by `parse_arg` against
+the defaults a config declares, so a misspelt or mistyped argument is an error, not a no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from llmopt_jax.models import config as model_config
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'tiny,model=base' into a ConfigDict typed like `defaults`.
+
+  A bare name sets a boolean to True; `name=value` is converted to the type of the default.
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    name, has_value, value = item.partition('=')
+    name = name.strip()
+    if name not in defaults:
+      raise ValueError(f'unknown config argument {name!r}; known: {sorted(defaults)}')
+    default = defaults[name]
+    if not has_value:
+      if not isinstance(default, bool):
+        raise ValueError(f'config argument {name!r} needs a value: {name}=...')
+      parsed[name] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'config argument {name}={value!r} is not a boolean')
+      parsed[name] = value.lower() in ('true', '1')
+    else:
+      try:
+        parsed[name] = type(default)(value)
+      except ValueError:
+        raise ValueError(
+            f'config argument {name}={value!r} is not a {type(default).__name__}') from None
+  return parsed
+
+
+def model_fields(preset: str) -> ml_collections.ConfigDict:
+  """Every field of a model preset, so any of them can be overridden on the command line."""
+  return ml_collections.ConfigDict(dataclasses.asdict(model_config.get_preset(preset)))
+
+
+def common(seed: int = 0) -> ml_collections.ConfigDict:
+  """Sections every training stage shares: mesh, checkpoints, early stopping."""
+  config = ml_collections.ConfigDict()
+  config.seed = seed
+
+  # One device today; the sharding issue widens the mesh. -1 means "all remaining devices".
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.shape = {'data': -1, 'fsdp': 1, 'tensor': 1}
+  config.mesh.rules = {
+      'batch': ('data', 'fsdp'), 'length': None, 'embed': None, 'mlp': None,
+      'heads': None, 'kv_heads': None, 'kv': None, 'vocab': None,
+  }
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 100
+  config.checkpoint.keep_last = 2
+  config.checkpoint.keep_best = 1   # ranked by config.early_stopping.metric and .mode
+  config.checkpoint.async_save = True
+
+  config.early_stopping = ml_collections.ConfigDict()
+  config.early_stopping.metric = 'eval/loss'
+  config.early_stopping.mode = 'min'
+  config.early_stopping.patience = 0   # evaluations without improvement; 0 = never stop early
+  config.early_stopping.min_delta = 0.0
+  return config
+
+
+def optimizer(lr: float, warmup_steps: int) -> ml_collections.ConfigDict:
+  """AdamW defaults that suit small transformers; see llmopt_jax/optim.py."""
+  return ml_collections.ConfigDict(dict(
+      lr=lr,
+      schedule='cosine',       # 'cosine' | 'linear' | 'constant' after the warmup
+      warmup_steps=warmup_steps,
+      end_lr_factor=0.1,       # the schedule ends at lr * end_lr_factor
+      b1=0.9,
+      b2=0.95,                 # 0.95 rather than 0.999: steadier for LMs at small batch
+      eps=1e-8,
+      weight_decay=0.1,
+      decay_embeddings=False,  # embeddings are lookups; decaying rare rows starves them
+      clip_norm=1.0,           # global-norm clipping; 0 turns it off
+  ))

@@ -1,0 +1,55 @@
+"""Token-level losses and metrics for language models, as (sum, count) pairs.
+
+All of them work in float32 whatever the compute dtype of the logits: a log-softmax over a
+large vocabulary in bf16 loses the small probabilities that the loss is made of.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmopt_jax.metrics import MetricSums
+
+
+def cross_entropy_sum(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Sum of -log p(target) over weighted positions, and the sum of weights.
+
+  logits: [B, T, V]; targets: [B, T] int; weights: [B, T] (0 for padding).
+  """
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)                                   # [B, T]
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  nll = log_z - target_logit
+  return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def accuracy_sum(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Number of weighted positions whose arg-max prediction is the target, and the weight."""
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return jnp.sum(correct * weights), jnp.sum(weights)
+
+
+def lm_metrics(logits: jax.Array, batch: dict[str, jax.Array]) -> MetricSums:
+  return {
+      'loss': cross_entropy_sum(logits, batch['targets'], batch['weights']),
+      'accuracy': accuracy_sum(logits, batch['targets'], batch['weights']),
+  }
+
+
+def lm_loss(
+    model: nnx.Module, batch: dict[str, jax.Array], rngs: nnx.Rngs | None
+) -> tuple[jax.Array, jax.Array, MetricSums]:
+  """Next-token cross-entropy: (objective sum, weight, metric sums) for the train step."""
+  logits = model(batch['inputs'], rngs=rngs)
+  sums = lm_metrics(logits, batch)
+  loss_sum, weight = sums['loss']
+  return loss_sum, weight, sums
+
+
+def lm_eval(model: nnx.Module, batch: dict[str, jax.Array]) -> MetricSums:
+  """Deterministic (no dropout) metric sums for evaluation."""
+  return lm_metrics(model(batch['inputs']), batch)

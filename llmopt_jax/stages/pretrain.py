@@ -1,0 +1,86 @@
+"""Stage `pretrain`: a decoder-only LM trained with next-token prediction on a text corpus.
+
+Chain: corpus (a TFDS text set; shipped: tiny Shakespeare) -> tokenizer (bytes, or BPE
+trained on the train split and kept in the workdir) -> packed sequences -> the shared loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from llmopt_jax import losses, workdir as workdir_lib
+from llmopt_jax.data import lm_pipeline, sources, tokenizers
+from llmopt_jax.models import stats
+from llmopt_jax.models.config import TransformerConfig
+from llmopt_jax.models.transformer import Transformer
+from llmopt_jax.train import loop
+
+# Embedding tables are padded to a multiple of this, so the vocabulary axis splits evenly
+# over tensor-parallel meshes and matmuls keep friendly shapes.
+VOCAB_MULTIPLE = 128
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  workdir_lib.prepare(workdir, config)
+  task, model_config = build_task(config, workdir)
+  _describe(model_config, config)
+  return loop.train(config, workdir, task)
+
+
+def build_task(config: ml_collections.ConfigDict, workdir: str) -> tuple[loop.Task, Any]:
+  """Data, tokenizer and model for next-token prediction, as the loop's `Task`."""
+  data = config.data
+  load = functools.partial(
+      sources.load_text_source, data.name, data_dir=data.tfds_data_dir or None,
+      text_field=data.text_field)
+  train_source, eval_source = load(data.train_split), load(data.eval_split)
+  tokenizer = tokenizers.get_tokenizer(
+      data.tokenizer, vocab_size=data.vocab_size, path=os.path.join(workdir, 'tokenizer.json'),
+      train_texts=lambda: lm_pipeline.iter_texts(train_source))
+
+  model_config = TransformerConfig(**{
+      **config.model.to_dict(), 'vocab_size': _round_up(tokenizer.vocab_size, VOCAB_MULTIPLE)})
+  batch_size = _per_process(config.train.batch_size)
+  shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train_data = lm_pipeline.LMBatches(
+      train_source, tokenizer, seq_len=data.seq_len, batch_size=batch_size, seed=config.seed,
+      **shard)
+  eval_data = lm_pipeline.eval_batches(
+      eval_source, tokenizer, seq_len=data.seq_len, batch_size=batch_size,
+      max_batches=config.train.eval_batches or None, **shard)
+  task = loop.Task(
+      build_model=lambda rngs: Transformer(model_config, rngs=rngs),
+      loss_fn=losses.lm_loss,
+      eval_fn=losses.lm_eval,
+      train_data=train_data,
+      eval_data=lambda: eval_data,
+  )
+  return task, model_config
+
+
+def _per_process(global_batch: int) -> int:
+  if global_batch % jax.process_count():
+    raise ValueError(f'config.train.batch_size={global_batch} does not divide over '
+                     f'{jax.process_count()} processes')
+  return global_batch // jax.process_count()
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _describe(model: TransformerConfig, config: ml_collections.ConfigDict) -> None:
+  if jax.process_index() != 0:
+    return
+  params = stats.count_params(model)
+  flops = stats.flops_per_token(model, config.data.seq_len)
+  tokens = config.train.batch_size * config.data.seq_len
+  print(f'Model: {params / 1e6:.2f}M parameters, vocab {model.vocab_size}, '
+        f'{flops / 1e6:.1f} MFLOPs per training token; {tokens} tokens per step, '
+        f'{config.train.num_steps} steps.', flush=True)

@@ -1,0 +1,232 @@
+"""The training loop shared by every stage: one trainer, read top to bottom.
+
+A stage (pretrain, fine-tune, distill, ...) builds a `Task` (how to make the model, its loss,
+its eval metrics, its data) and calls `train`. The loop owns the rest: mesh, sharded state,
+jitted steps, evaluation, early stopping, the NaN/Inf guard, checkpoints and exact resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from llmopt_jax import metrics as metrics_lib
+from llmopt_jax import optim, sharding
+from llmopt_jax.train import state as state_lib
+from llmopt_jax.train import step as step_lib
+from llmopt_jax.train.checkpoint import Checkpoints
+from llmopt_jax.train.early_stopping import EarlyStopping
+from llmopt_jax.train.logger import Logger
+
+
+class ResumableIterator(Protocol):
+  """Training batches (this process's share, numpy) with a JSON-able position."""
+
+  def __next__(self) -> dict[str, np.ndarray]: ...
+  def get_state(self) -> dict: ...
+  def set_state(self, state: dict) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """Everything stage-specific that the loop needs."""
+  build_model: Callable[[nnx.Rngs], nnx.Module]
+  loss_fn: step_lib.LossFn
+  eval_fn: step_lib.EvalFn
+  train_data: ResumableIterator
+  eval_data: Callable[[], Iterable[dict[str, np.ndarray]]]
+
+
+class NonFiniteError(RuntimeError):
+  """A loss or gradient became NaN/Inf; the message names the step."""
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str, Any]:
+  """Trains (or resumes) to `config.train.num_steps`; returns the run summary."""
+  num_steps = config.train.num_steps
+
+  # ---- Mesh ---------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh.shape)
+  rules = config.mesh.rules.to_dict()
+
+  # ---- Model, optimizer, and where the state lives ------------------------------------------
+  tx = optim.make_optimizer(config.optim, num_steps)
+  graphdef, init = state_lib.init_fn(task.build_model, tx, config.seed)
+  abstract, shardings = state_lib.abstract_and_shardings(init, mesh, rules)
+
+  # ---- Checkpoints: resume if the workdir has one -------------------------------------------
+  stopper = EarlyStopping(
+      metric=config.early_stopping.metric, mode=config.early_stopping.mode,
+      patience=config.early_stopping.patience, min_delta=config.early_stopping.min_delta)
+  checkpoints = Checkpoints(
+      os.path.join(workdir, 'checkpoints'), keep_last=config.checkpoint.keep_last,
+      keep_best=config.checkpoint.keep_best, best_metric=stopper.metric, best_mode=stopper.mode,
+      async_save=config.checkpoint.async_save)
+  start = checkpoints.latest_step()
+  if start is None:
+    start = 0
+    state = state_lib.initialize(init, shardings)
+  else:
+    state, progress = checkpoints.restore(start, abstract)
+    task.train_data.set_state(progress['data'])
+    stopper = stopper.with_json(progress['early_stopping'])
+
+  log = Logger(workdir, total_steps=num_steps, start_step=start)
+  if start:
+    log.info(f'Resumed from {checkpoints.directory}/{start}.')
+  if start >= num_steps or stopper.should_stop:
+    log.info(f'Nothing to do: the run in {workdir} already finished at step {start}.')
+    return _finish(workdir, checkpoints, log, stopper, start, last_eval=None)
+
+  # ---- Steps --------------------------------------------------------------------------------
+  train_step = step_lib.make_train_step(
+      graphdef, tx, task.loss_fn, seed=config.seed,
+      num_micro_batches=config.train.num_micro_batches)
+  eval_step = step_lib.make_eval_step(graphdef, task.eval_fn)
+  train_step, eval_step = step_lib.jit_steps(train_step, eval_step, shardings, mesh, rules)
+
+  def evaluate(params) -> dict[str, float]:
+    sums = metrics_lib.total(
+        eval_step(params, sharding.shard_batch(b, mesh, rules)) for b in task.eval_data())
+    return metrics_lib.prefixed(metrics_lib.finalize(sums), 'eval')
+
+  def save(step: int, eval_metrics: dict[str, float] | None) -> None:
+    progress = {'data': task.train_data.get_state(), 'early_stopping': stopper.to_json()}
+    checkpoints.save(step, state, progress, metrics=eval_metrics)
+
+  # ---- Loop ---------------------------------------------------------------------------------
+  window = _Window(checkpoints)
+  schedule = optim.make_schedule(config.optim, num_steps)
+  eval_metrics = None
+  timer = _Throughput()
+  try:
+    for step in range(start + 1, num_steps + 1):
+      batch = sharding.shard_batch(next(task.train_data), mesh, rules)
+      state, step_metrics = train_step(state, batch)
+      window.add(step, step_metrics)
+      timer.count(batch['inputs'].size)
+
+      last = step == num_steps
+      if step % config.train.log_every == 0 or last:
+        means = window.flush()
+        throughput = timer.rate()
+        log.write(step, {**metrics_lib.prefixed(means, 'train'),
+                         'train/lr': float(schedule(step - 1)), 'train/tokens_per_s': throughput})
+        log.progress(step, loss=means['loss'], tok_s=throughput)
+      else:
+        log.progress(step)
+
+      eval_metrics = None
+      if step % config.train.eval_every == 0 or last:
+        window.check_finite()
+        eval_metrics = evaluate(state.params)
+        stopper = stopper.update(step, eval_metrics)
+        log.write(step, eval_metrics)
+        log.info(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in eval_metrics.items()))
+      if eval_metrics or last or step % config.checkpoint.every_steps == 0:
+        window.check_finite()
+        save(step, eval_metrics)
+      if stopper.should_stop:
+        log.info(f'Early stopping at step {step}: {stopper.metric} has not improved for '
+                 f'{stopper.patience} evaluations; best {stopper.best_value:.4f} at step '
+                 f'{stopper.best_step}.')
+        break
+  finally:
+    checkpoints.wait()
+  return _finish(workdir, checkpoints, log, stopper, step, eval_metrics)
+
+
+class _Window:
+  """Per-step metrics since the last log line, kept on device until they are needed.
+
+  Fetching them only at log, eval and checkpoint time avoids a host sync per step; the NaN/Inf
+  guard still names the exact first bad step, and runs before any checkpoint is written, so
+  the last good checkpoint is never replaced by a poisoned one.
+  """
+
+  def __init__(self, checkpoints: Checkpoints):
+    self._checkpoints = checkpoints
+    self._pending: list[tuple[int, Any]] = []
+    self._unchecked = 0
+
+  def add(self, step: int, step_metrics) -> None:
+    self._pending.append((step, step_metrics))
+    self._unchecked += 1
+
+  def check_finite(self) -> None:
+    unchecked = self._pending[len(self._pending) - self._unchecked:]
+    flags = jax.device_get([m['finite'][0] for _, m in unchecked])
+    self._unchecked = 0
+    for (step, _), ok in zip(unchecked, flags):
+      if not ok:
+        last_good = self._checkpoints.latest_step()
+        kept = (f'the last good checkpoint (step {last_good}) is intact'
+                if last_good is not None else 'no checkpoint had been written yet')
+        raise NonFiniteError(f'non-finite loss or gradient at step {step}; {kept}')
+
+  def flush(self) -> dict[str, float]:
+    self.check_finite()
+    means = metrics_lib.finalize(metrics_lib.total(m for _, m in self._pending))
+    means.pop('finite', None)
+    self._pending = []
+    return means
+
+
+class _Throughput:
+  def __init__(self):
+    self._since = time.perf_counter()
+    self._tokens = 0
+
+  def count(self, tokens: int) -> None:
+    self._tokens += tokens
+
+  def rate(self) -> float:
+    now = time.perf_counter()
+    rate = self._tokens / max(now - self._since, 1e-9)
+    self._since, self._tokens = now, 0
+    return rate
+
+
+def _finish(workdir: str, checkpoints: Checkpoints, log: Logger, stopper: EarlyStopping,
+            step: int, last_eval: dict[str, float] | None) -> dict[str, Any]:
+  """Writes summary.json and prints where the results are."""
+  checkpoints.close()
+  summary_path = os.path.join(workdir, 'summary.json')
+  summary = _read_json(summary_path) if last_eval is None else {}
+  summary.update({
+      'final_step': step,
+      'early_stopped': stopper.should_stop,
+      'best_step': stopper.best_step,
+      f'best_{stopper.metric}': None if np.isnan(stopper.best_value) else stopper.best_value,
+      'best_checkpoint': os.path.join(checkpoints.directory, str(stopper.best_step)),
+      'checkpoint_steps': checkpoints.all_steps(),
+  })
+  if last_eval is not None:
+    summary['final_eval'] = last_eval
+  if jax.process_index() == 0:
+    tmp = summary_path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump(summary, f, indent=2)
+    os.replace(tmp, summary_path)
+  log.info(f'Best {stopper.metric} = {stopper.best_value:.4f} at step {stopper.best_step} '
+           f'({summary["best_checkpoint"]}).')
+  log.info(f'Results in {os.path.abspath(workdir)}: summary.json, metrics.jsonl, '
+           f'checkpoints/, tensorboard/')
+  log.close()
+  return summary
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)

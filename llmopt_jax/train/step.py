@@ -1,0 +1,103 @@
+"""The train and eval steps: pure functions of (state, batch), jitted once with shardings.
+
+A technique (distillation, QAT, LoRA, pruning) changes the loss function or the update rule it
+hands to `make_train_step`; it never writes a second step. A loss function has the signature
+
+    loss_fn(model, batch, rngs) -> (objective_sum, weight, metric_sums)
+
+and the step minimises objective_sum / weight over the whole (possibly accumulated) batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llmopt_jax import optim, sharding
+from llmopt_jax.metrics import MetricSums
+from llmopt_jax.train.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+LossFn = Callable[[nnx.Module, Batch, nnx.Rngs | None], tuple[jax.Array, jax.Array, MetricSums]]
+EvalFn = Callable[[nnx.Module, Batch], MetricSums]
+
+# Dropout keys are drawn from this stream of the run's seed, folded with the step.
+_DROPOUT_STREAM = 1
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    *,
+    seed: int,
+    num_micro_batches: int = 1,
+) -> Callable[[TrainState, Batch], tuple[TrainState, MetricSums]]:
+  """Builds `train_step(state, batch) -> (state, metrics)`; metrics are (sum, count) pairs."""
+  base_key = jax.random.fold_in(jax.random.key(seed), _DROPOUT_STREAM)
+
+  def loss_and_grad(params, batch, rng):
+    def objective(params):
+      model = nnx.merge(graphdef, params)
+      loss_sum, weight, sums = loss_fn(model, batch, nnx.Rngs(dropout=rng))
+      return loss_sum, (weight, sums)
+    return jax.value_and_grad(objective, has_aux=True)(params)
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, MetricSums]:
+    rng = jax.random.fold_in(base_key, state.step)
+    grad_sum, weight, sums = optim.accumulate_gradients(
+        loss_and_grad, state.params, batch, rng, num_micro_batches)
+    grads = jax.tree.map(lambda g: g / weight, grad_sum)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    loss_sum = sums['loss'][0] if 'loss' in sums else jnp.zeros(())
+    # One flag for the NaN/Inf guard: a non-finite gradient shows up in its global norm.
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss_sum)
+    metrics = {
+        **sums,
+        'grad_norm': (grad_norm, jnp.ones(())),
+        'finite': (finite.astype(jnp.float32), jnp.ones(())),
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, eval_fn: EvalFn) -> Callable[[Any, Batch], MetricSums]:
+  """Builds `eval_step(params, batch) -> metric sums` with the model in deterministic mode."""
+  def eval_step(params: nnx.State, batch: Batch) -> MetricSums:
+    return eval_fn(nnx.merge(graphdef, params), batch)
+  return eval_step
+
+
+def jit_steps(
+    train_step, eval_step, state_shardings: Any, mesh: Mesh, rules: sharding.Rules):
+  """Jits both steps with explicit in/out shardings (pjit semantics); the state is donated."""
+  batch = sharding.batch_sharding(mesh, rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def traced_under_rules(fn):
+    def wrapped(*args):
+      with sharding.use(mesh, rules):
+        return fn(*args)
+    return wrapped
+
+  jitted_train = jax.jit(
+      traced_under_rules(train_step),
+      in_shardings=(state_shardings, batch),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=(0,),
+  )
+  jitted_eval = jax.jit(
+      traced_under_rules(eval_step),
+      in_shardings=(state_shardings.params, batch),
+      out_shardings=replicated,
+  )
+  return jitted_train, jitted_eval
