@@ -7,3 +7,24 @@ os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8']).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import importlib.util  # noqa: E402  (after the environment above is fixed)
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str | None = None):
+  """`get_config(arg)` of configs/<name>.py, as main.py's --config=configs/<name>.py:arg."""
+  spec = importlib.util.spec_from_file_location(
+      f'configs_{name}', os.path.join(REPO, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope='session')
+def tfds_dir(tmp_path_factory) -> str:
+  """One TFDS data dir per test session, so shipped sets are prepared once, never in $HOME."""
+  return str(tmp_path_factory.mktemp('tfds'))

@@ -44,7 +44,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> tuple[loop.Ta
       data.tokenizer, vocab_size=data.vocab_size, path=os.path.join(workdir, 'tokenizer.json'),
       train_texts=lambda: lm_pipeline.iter_texts(train_source))
 
-  model_config = TransformerConfig(**{
+  model_config = TransformerConfig.from_dict({
       **config.model.to_dict(), 'vocab_size': _round_up(tokenizer.vocab_size, VOCAB_MULTIPLE)})
   batch_size = _per_process(config.train.batch_size)
   shard = dict(process_index=jax.process_index(), process_count=jax.process_count())

@@ -11,11 +11,40 @@ killed mid-save leaves no checkpoint that a restart could pick up half-written.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+
+@dataclasses.dataclass(frozen=True)
+class BestByMetric:
+  """Orbax preservation policy: keep the `n` checkpoints with the best `metric`.
+
+  Unlike Orbax's `BestN`, a tie goes to the *earlier* step, the one early stopping reports as
+  best (it only moves on a strict improvement). Checkpoints saved without metrics are left to
+  the other policies.
+  """
+  metric: str
+  mode: str
+  n: int
+
+  def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+    del context
+    sign = 1.0 if self.mode == 'min' else -1.0
+    ranked = sorted(
+        (sign * _metric(c.metrics, self.metric), c.step, i) for i, c in enumerate(checkpoints)
+        if c.metrics is not None and not math.isnan(_metric(c.metrics, self.metric)))
+    keep = {i for _, _, i in ranked[:self.n]}
+    return [i in keep for i in range(len(checkpoints))]
+
+
+def _metric(metrics: dict, name: str) -> float:
+  return float(metrics.get(name, math.nan))
 
 
 class Checkpoints:
@@ -35,12 +64,7 @@ class Checkpoints:
       raise ValueError(f"config.early_stopping.mode={best_mode!r}; choose 'min' or 'max'")
     keep = [policies.LatestN(n=max(keep_last, 1))]
     if keep_best > 0:
-      keep.append(policies.BestN(
-          get_metric_fn=lambda metrics: metrics[best_metric],
-          reverse=best_mode == 'min',  # BestN keeps the end of the sorted list
-          n=keep_best,
-          keep_checkpoints_without_metrics=False,
-      ))
+      keep.append(BestByMetric(best_metric, best_mode, keep_best))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(keep),
         enable_async_checkpointing=async_save,

@@ -17,7 +17,8 @@ class EarlyStopping:
   metric: str                 # e.g. 'eval/loss'
   mode: str                   # 'min' or 'max'
   patience: int               # evaluations without improvement before stopping; 0 = never stop
-  min_delta: float = 0.0      # an improvement must beat the best by more than this
+  min_delta: float = 0.0      # gains smaller than this still count as evaluations without
+                              # improvement (the best is still tracked exactly)
   best_value: float = math.nan
   best_step: int = -1
   bad_evals: int = 0
@@ -29,25 +30,31 @@ class EarlyStopping:
     if self.patience < 0:
       raise ValueError(f'config.early_stopping.patience={self.patience} must be >= 0')
 
-  def improved(self, value: float) -> bool:
+  def beats_best(self, value: float, margin: float = 0.0) -> bool:
     if math.isnan(self.best_value):
       return not math.isnan(value)
     if self.mode == 'min':
-      return value < self.best_value - self.min_delta
-    return value > self.best_value + self.min_delta
+      return value < self.best_value - margin
+    return value > self.best_value + margin
 
   def update(self, step: int, metrics: dict[str, float]) -> EarlyStopping:
-    """The record after an evaluation at `step` that produced `metrics`."""
+    """The record after an evaluation at `step` that produced `metrics`.
+
+    The best (value, step) moves on any strict improvement, so it always names the checkpoint
+    that keep-best preserves; patience is only reset by a gain larger than `min_delta`.
+    """
     if self.metric not in metrics:
       raise ValueError(
           f'config.early_stopping.metric={self.metric!r} is not an eval metric; '
           f'available: {sorted(metrics)}')
     value = metrics[self.metric]
-    if self.improved(value):
-      return dataclasses.replace(self, best_value=value, best_step=step, bad_evals=0)
-    bad = self.bad_evals + 1
+    enough = self.beats_best(value, self.min_delta)
+    record = self
+    if self.beats_best(value):
+      record = dataclasses.replace(record, best_value=value, best_step=step)
+    bad = 0 if enough else self.bad_evals + 1
     return dataclasses.replace(
-        self, bad_evals=bad, should_stop=self.patience > 0 and bad >= self.patience)
+        record, bad_evals=bad, should_stop=self.patience > 0 and bad >= self.patience)
 
   def to_json(self) -> dict:
     best = None if math.isnan(self.best_value) else self.best_value  # JSON has no NaN

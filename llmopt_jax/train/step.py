@@ -56,7 +56,7 @@ def make_train_step(
     grads = jax.tree.map(lambda g: g / weight, grad_sum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     loss_sum = sums['loss'][0] if 'loss' in sums else jnp.zeros(())
     # One flag for the NaN/Inf guard: a non-finite gradient shows up in its global norm.
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss_sum)

@@ -1,0 +1,96 @@
+"""Causal grouped-query self-attention with rotary positions and packed-sequence masking.
+
+Axis letters used in the einsums and shape comments:
+  B batch   T length (queries)   S length (keys)   D embed
+  N query heads   K key/value heads   G groups = N // K   H head dim
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmopt_jax import sharding
+from llmopt_jax.models import layers
+from llmopt_jax.models.config import TransformerConfig
+
+
+def attention_mask(length: int, segment_ids: jax.Array | None) -> jax.Array:
+  """Which keys each query may see: earlier-or-same positions of the same segment.
+
+  Returns a boolean mask [B or 1, T, S]. Segment ids let several documents share one row of a
+  packed batch without attending across document boundaries.
+  """
+  causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))[None]  # [1, T, S]
+  if segment_ids is None:
+    return causal
+  same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
+  return causal & same_segment
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with `num_kv_heads` shared key/value heads (GQA, Ainslie et al. 2023).
+
+  K = 1 is multi-query attention, K = N is ordinary multi-head attention. Query heads are
+  reshaped into K groups of G heads that share one key/value head, so the (smaller) keys and
+  values are never repeated in memory; query head n uses key/value head n // G.
+  """
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.num_kv_heads = c.num_kv_heads
+    self.rope_theta = c.rope_theta
+    self.dtype = jnp.dtype(c.dtype)
+    pdtype = jnp.dtype(c.param_dtype)
+    init = layers.normal(c.init_std)
+    # Residual output projection scaled by 1/sqrt(2 * num_layers) (GPT-2, Radford et al. 2019):
+    # each of the 2L residual branches adds variance, this keeps the stream's scale ~constant.
+    out_init = layers.normal(c.init_std / math.sqrt(2 * c.num_layers))
+    d, n, k, h = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
+    self.q = layers.param(rngs, init, (d, n, h), pdtype, ('embed', 'heads', 'kv'))
+    self.k = layers.param(rngs, init, (d, k, h), pdtype, ('embed', 'kv_heads', 'kv'))
+    self.v = layers.param(rngs, init, (d, k, h), pdtype, ('embed', 'kv_heads', 'kv'))
+    self.o = layers.param(rngs, out_init, (n, h, d), pdtype, ('heads', 'kv', 'embed'))
+    self.dropout = nnx.Dropout(c.attention_dropout_rate)
+
+  def project_qkv(self, x: jax.Array, positions: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries [B,T,N,H] and keys, values [B,S,K,H], with RoPE applied to queries and keys."""
+    x = x.astype(self.dtype)
+    q = jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(self.dtype))
+    k = jnp.einsum('BSD,DKH->BSKH', x, self.k[...].astype(self.dtype))
+    v = jnp.einsum('BSD,DKH->BSKH', x, self.v[...].astype(self.dtype))
+    q = layers.apply_rope(q, positions, self.rope_theta)
+    k = layers.apply_rope(k, positions, self.rope_theta)
+    q = sharding.constrain(q, ('batch', 'length', 'heads', 'kv'))
+    k = sharding.constrain(k, ('batch', 'length', 'kv_heads', 'kv'))
+    v = sharding.constrain(v, ('batch', 'length', 'kv_heads', 'kv'))
+    return q, k, v
+
+  def probabilities(self, q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention weights [B,K,G,T,S] in float32 (a softmax over S, the keys).
+
+    Scores and softmax run in float32: bfloat16 logits of a few hundred keys round enough to
+    change which key wins. The mask uses the dtype's most negative finite value, not -inf, so
+    a fully masked row (impossible here: the diagonal is always visible) could not make NaNs.
+    """
+    b, t, n, h = q.shape
+    q = q.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)  # [B, T, K, G, H]
+    scores = jnp.einsum('BTKGH,BSKH->BKGTS', q, k, preferred_element_type=jnp.float32)
+    scores = scores.astype(jnp.float32) / math.sqrt(h)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+  def __call__(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Self-attention of `x` [B,T,D] under `mask` [B or 1,T,S]; dropout only when given rngs."""
+    q, k, v = self.project_qkv(x, positions)
+    probs = self.probabilities(q, k, mask)  # [B, K, G, T, S]
+    probs = self.dropout(probs, deterministic=rngs is None, rngs=rngs)
+    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(self.dtype), v)
+    b, t, k_heads, g, h = out.shape
+    out = out.reshape(b, t, k_heads * g, h)  # [B, T, N, H], query head n = k * G + g
+    return jnp.einsum('BTNH,NHD->BTD', out, self.o[...].astype(self.dtype))

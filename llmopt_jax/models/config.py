@@ -1,0 +1,112 @@
+"""The shape and numerics of a Llama-style decoder, and the named presets.
+
+A config is a frozen dataclass so it can be hashed, compared and passed to `jax.jit` as a
+static argument, and so an experiment config (ml_collections) can build one from a plain dict
+with `TransformerConfig.from_dict(cfg.model.to_dict())`. Changing one field of a preset is
+`dataclasses.replace(get_preset('small'), vocab_size=65)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+# Activation and storage dtypes we support; int types belong to the quantization stage.
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+_POSITIVE_INTS = (
+    'vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim')
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyperparameters of `Transformer`; the defaults are the `tiny` preset."""
+
+  vocab_size: int = 256  # Overridden by the training stage from its tokenizer.
+  num_layers: int = 2
+  embed_dim: int = 64  # D, the width of the residual stream.
+  num_heads: int = 4  # N, query heads.
+  num_kv_heads: int = 2  # K, key/value heads: 1 is MQA, num_heads is MHA, between is GQA.
+  head_dim: int = 16  # H; need not equal embed_dim // num_heads (Gemma-style freedom).
+  mlp_dim: int = 192  # F, the SwiGLU hidden width (~8/3 D keeps params equal to a 4D GELU MLP).
+  rope_theta: float = 10000.0  # RoPE base; Llama 3 raises it to 500k for long contexts.
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True  # Logits through the embedding table (saves V*D params).
+  dropout_rate: float = 0.0  # On each residual branch; pretraining at scale uses 0.
+  attention_dropout_rate: float = 0.0  # On the attention probabilities.
+  dtype: str = 'float32'  # Compute dtype of matmuls and activations ('bfloat16' on TPU/GPU).
+  param_dtype: str = 'float32'  # Storage dtype of the parameters.
+  init_std: float = 0.02  # Std of the normal init of every matrix (GPT-2).
+
+  def __post_init__(self):
+    for name in _POSITIVE_INTS:
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f'TransformerConfig.{name} must be a positive int, got {value!r}')
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f'TransformerConfig.num_heads ({self.num_heads}) must be divisible by '
+          f'num_kv_heads ({self.num_kv_heads}) for grouped-query attention')
+    if self.head_dim % 2:
+      raise ValueError(
+          f'TransformerConfig.head_dim must be even for rotary embeddings, got {self.head_dim}')
+    for name in ('rope_theta', 'norm_eps', 'init_std'):
+      if not getattr(self, name) > 0:
+        raise ValueError(f'TransformerConfig.{name} must be > 0, got {getattr(self, name)!r}')
+    for name in ('dropout_rate', 'attention_dropout_rate'):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(
+            f'TransformerConfig.{name} must be in [0, 1), got {getattr(self, name)!r}')
+    for name in ('dtype', 'param_dtype'):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(
+            f'TransformerConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}')
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> TransformerConfig:
+    """Builds a config from a plain dict, naming any key that is not a field."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(
+          f'unknown TransformerConfig field(s) {unknown}; known fields: {sorted(fields)}')
+    return cls(**d)
+
+  def replace(self, **changes: Any) -> TransformerConfig:
+    """A copy with some fields changed; unknown names raise ValueError like `from_dict`."""
+    return self.from_dict({**dataclasses.asdict(self), **changes})
+
+
+PRESETS: dict[str, TransformerConfig] = {
+    # Seconds on a laptop CPU; what tests and every config's `tiny` variant use.
+    'tiny': TransformerConfig(
+        vocab_size=256, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2,
+        head_dim=16, mlp_dim=192),
+    # Learns tiny Shakespeare (character level) in a few CPU minutes.
+    'small': TransformerConfig(
+        vocab_size=256, num_layers=4, embed_dim=256, num_heads=8, num_kv_heads=4,
+        head_dim=32, mlp_dim=768),
+    # GPT-2 small widths with Llama components; the SwiGLU MLP at 4x width makes it 113M
+    # non-embedding params (GPT-2's 4x GELU MLP: 85M).
+    'base': TransformerConfig(
+        vocab_size=32000, num_layers=12, embed_dim=768, num_heads=12, num_kv_heads=12,
+        head_dim=64, mlp_dim=3072),
+    # Shapes of Llama-3.2-1B, for memory and FLOP planning and for weight import (its
+    # 'llama3' RoPE frequency scaling for 128k contexts is not modelled).
+    'llama_1b': TransformerConfig(
+        vocab_size=128256, num_layers=16, embed_dim=2048, num_heads=32, num_kv_heads=8,
+        head_dim=64, mlp_dim=8192, rope_theta=500000.0, tie_embeddings=True),
+    # Shapes of Llama-2-7B (MHA, untied output layer).
+    'llama_7b': TransformerConfig(
+        vocab_size=32000, num_layers=32, embed_dim=4096, num_heads=32, num_kv_heads=32,
+        head_dim=128, mlp_dim=11008, rope_theta=10000.0, tie_embeddings=False),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> TransformerConfig:
+  """The preset called `name`, with any fields in `overrides` replaced."""
+  if name not in PRESETS:
+    raise ValueError(f'unknown model preset {name!r}; choose from {sorted(PRESETS)}')
+  return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -1,0 +1,213 @@
+"""Properties of the decoder: shapes, masking, GQA, RoPE, parameter counts, dropout, sharding."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llmopt_jax import sharding
+from llmopt_jax.models import layers
+from llmopt_jax.models import stats
+from llmopt_jax.models.config import PRESETS, TransformerConfig, get_preset
+from llmopt_jax.models.transformer import Transformer
+
+TINY = get_preset('tiny')
+B, T = 2, 12
+
+
+def _tokens(seed: int = 0, vocab: int = TINY.vocab_size) -> jax.Array:
+  return jax.random.randint(jax.random.key(seed), (B, T), 0, vocab)
+
+
+def _params(model: nnx.Module) -> list[nnx.Variable]:
+  state = nnx.state(model, nnx.Param)
+  return jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+@pytest.fixture(scope='module')
+def tiny_model() -> Transformer:
+  return Transformer(TINY, rngs=nnx.Rngs(0))
+
+
+def test_logits_shape_dtype_and_jit(tiny_model):
+  tokens = _tokens()
+  logits = tiny_model(tokens)
+  assert logits.shape == (B, T, TINY.vocab_size)
+  assert logits.dtype == jnp.float32
+  graphdef, state = nnx.split(tiny_model, nnx.Param)
+  jitted = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))(state, tokens)
+  np.testing.assert_allclose(jitted, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_compute_still_returns_float32_logits():
+  cfg = TINY.replace(dtype='bfloat16', param_dtype='bfloat16')
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  assert all(p.dtype == jnp.bfloat16 for p in _params(model))
+  logits = model(_tokens())
+  assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_causal_future_tokens_do_not_leak(tiny_model):
+  tokens = _tokens()
+  t = 5
+  changed = tokens.at[:, t].set((tokens[:, t] + 1) % TINY.vocab_size)
+  before, after = tiny_model(tokens), tiny_model(changed)
+  np.testing.assert_array_equal(before[:, :t], after[:, :t])
+  assert bool(jnp.all(jnp.any(before[:, t:] != after[:, t:], axis=-1)))
+
+
+def test_segments_do_not_attend_to_each_other(tiny_model):
+  tokens = _tokens()
+  segment_ids = jnp.array([[1] * 6 + [2] * 6] * B)
+  changed = tokens.at[:, 2].set((tokens[:, 2] + 1) % TINY.vocab_size)
+  before = tiny_model(tokens, segment_ids=segment_ids)
+  after = tiny_model(changed, segment_ids=segment_ids)
+  np.testing.assert_array_equal(before[:, 6:], after[:, 6:])  # segment 2 untouched
+  assert bool(jnp.any(before[:, 2:6] != after[:, 2:6]))  # later tokens of segment 1 see it
+  # Without segment ids the same change does reach the second segment.
+  assert bool(jnp.any(tiny_model(tokens)[:, 6:] != tiny_model(changed)[:, 6:]))
+
+
+@pytest.mark.parametrize('num_kv_heads', [1, 2, 4])
+def test_mqa_gqa_mha_all_run(num_kv_heads):
+  cfg = TINY.replace(num_heads=4, num_kv_heads=num_kv_heads)
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  assert model.blocks[0].attn.k.shape == (cfg.embed_dim, num_kv_heads, cfg.head_dim)
+  logits = model(_tokens())
+  assert logits.shape == (B, T, cfg.vocab_size) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_gqa_equals_mha_with_repeated_kv_weights():
+  gqa_cfg = TINY.replace(num_heads=4, num_kv_heads=2)
+  mha_cfg = gqa_cfg.replace(num_kv_heads=4)
+  groups = gqa_cfg.num_heads // gqa_cfg.num_kv_heads
+  gqa = Transformer(gqa_cfg, rngs=nnx.Rngs(0))
+  mha = Transformer(mha_cfg, rngs=nnx.Rngs(1))
+  params = nnx.to_pure_dict(nnx.state(gqa, nnx.Param))
+  for block in params['blocks'].values():
+    for name in ('k', 'v'):  # query head n reads kv head n // groups
+      block['attn'][name] = jnp.repeat(block['attn'][name], groups, axis=1)
+  mha_state = nnx.state(mha, nnx.Param)
+  nnx.replace_by_pure_dict(mha_state, params)
+  nnx.update(mha, mha_state)
+  tokens = _tokens()
+  np.testing.assert_allclose(mha(tokens), gqa(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+  q, k = jax.random.normal(jax.random.key(0), (2, 1, 1, 1, 32))  # [B=1, T=1, heads=1, H]
+
+  def score(m, n):
+    qm = layers.apply_rope(q, jnp.array([[m]]), theta=10000.0)
+    kn = layers.apply_rope(k, jnp.array([[n]]), theta=10000.0)
+    return jnp.sum(qm * kn)
+
+  for m, n, shift in [(3, 1, 7), (10, 4, 100), (0, 0, 55)]:
+    np.testing.assert_allclose(score(m, n), score(m + shift, n + shift), rtol=1e-4, atol=1e-4)
+  assert abs(score(3, 1) - score(3, 2)) > 1e-3  # and it does depend on the offset
+  np.testing.assert_allclose(  # a rotation keeps the norm
+      jnp.linalg.norm(layers.apply_rope(q, jnp.array([[9]]), 10000.0)), jnp.linalg.norm(q),
+      rtol=1e-5)
+
+
+@pytest.mark.parametrize('config', [
+    TINY, TINY.replace(tie_embeddings=False), *PRESETS.values()],
+    ids=['tiny', 'tiny_untied', *PRESETS])
+def test_count_params_matches_model(config):
+  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  assert stats.count_params(config) == sum(p.size for p in _params(abstract))
+  assert stats.param_bytes(config.replace(param_dtype='bfloat16')) == (
+      2 * stats.count_params(config))
+
+
+def test_flops_per_token_decomposes_as_documented():
+  cfg = TINY
+  norms = (2 * cfg.num_layers + 1) * cfg.embed_dim
+  # Tied: every parameter but the norms is a matmul weight (the table is used as the output).
+  assert stats.flops_per_token(cfg, 0) == 6 * (stats.count_params(cfg) - norms)
+  attention_per_position = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+  assert stats.flops_per_token(cfg, 256) - stats.flops_per_token(cfg, 128) == (
+      128 * attention_per_position)
+  assert stats.forward_flops_per_token(cfg, 64) * 3 == pytest.approx(
+      stats.flops_per_token(cfg, 64))
+
+
+@pytest.mark.parametrize('rates', [(0.1, 0.0), (0.0, 0.1), (0.0, 0.0)])
+def test_dropout_only_with_rngs_and_positive_rate(rates):
+  cfg = TINY.replace(dropout_rate=rates[0], attention_dropout_rate=rates[1])
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  tokens = _tokens()
+  deterministic = model(tokens)
+  np.testing.assert_array_equal(deterministic, model(tokens))
+  stochastic = model(tokens, rngs=nnx.Rngs(dropout=1))
+  assert bool(jnp.any(stochastic != deterministic)) == (max(rates) > 0)
+  # No RNG state is stored in the module: the Param state is the whole state.
+  assert len(_params(model)) == len(jax.tree.leaves(nnx.state(model)))
+
+
+def test_dropout_inside_jit_draws_from_the_given_key():
+  model = Transformer(TINY.replace(dropout_rate=0.2), rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model, nnx.Param)
+
+  @jax.jit
+  def forward(state, tokens, key):
+    return nnx.merge(graphdef, state)(tokens, rngs=nnx.Rngs(dropout=key))
+
+  tokens = _tokens()
+  first = forward(state, tokens, jax.random.key(1))
+  np.testing.assert_array_equal(first, forward(state, tokens, jax.random.key(1)))
+  assert bool(jnp.any(first != forward(state, tokens, jax.random.key(2))))
+
+
+def test_every_param_has_logical_axes(tiny_model):
+  untied = nnx.eval_shape(
+      lambda: Transformer(TINY.replace(tie_embeddings=False), rngs=nnx.Rngs(0)))
+  for model in (tiny_model, untied):
+    for p in _params(model):
+      axes = p.get_metadata('out_sharding')
+      assert len(axes) == p.ndim, (axes, p.shape)
+      assert set(axes) <= set(sharding.LOGICAL_AXES), axes
+      assert p.get_metadata('eager_sharding') is False
+
+
+def test_born_sharded_forward_matches_single_device():
+  # One table maps both weights and activations, so `batch` cannot also use the axis `embed`
+  # does: the activations' batch goes over `data` only here.
+  rules = {**sharding.DATA_PARALLEL_RULES, 'batch': 'data', 'embed': 'fsdp', 'mlp': 'tensor',
+           'heads': 'tensor', 'kv_heads': 'tensor', 'vocab': 'tensor'}
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  create = lambda: Transformer(TINY, rngs=nnx.Rngs(0))
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(create), nnx.Param)
+  shardings = sharding.tree_shardings(abstract_state, mesh, rules)
+  state = jax.jit(lambda: nnx.state(create(), nnx.Param), out_shardings=shardings)()
+  assert state['blocks'][0]['mlp']['gate'][...].sharding.spec == jax.P('fsdp', 'tensor')
+
+  tokens = jax.random.randint(jax.random.key(0), (4, T), 0, TINY.vocab_size)
+  with sharding.use(mesh, rules):
+    sharded = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+  np.testing.assert_allclose(sharded, create()(tokens), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('changes, field', [
+    (dict(num_heads=4, num_kv_heads=3), 'num_heads'),
+    (dict(embed_dim=0), 'embed_dim'),
+    (dict(head_dim=15), 'head_dim'),
+    (dict(dtype='float8'), 'dtype'),
+    (dict(dropout_rate=1.0), 'dropout_rate'),
+])
+def test_bad_config_names_the_field(changes, field):
+  with pytest.raises(ValueError, match=field) as error:
+    dataclasses.replace(TINY, **changes)
+  assert '\n' not in str(error.value)
+
+
+def test_unknown_preset_and_unknown_key_are_named():
+  with pytest.raises(ValueError, match="'huge'.*tiny"):
+    get_preset('huge')
+  with pytest.raises(ValueError, match='num_layer'):
+    TransformerConfig.from_dict({**dataclasses.asdict(TINY), 'num_layer': 3})
+  assert TransformerConfig.from_dict(dataclasses.asdict(PRESETS['small'])) == PRESETS['small']
+  assert get_preset('small', vocab_size=65).vocab_size == 65

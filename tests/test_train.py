@@ -1,0 +1,160 @@
+"""The training loop: learning, early stopping, the NaN guard, accumulation, exact resume."""
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import load_config
+from llmopt_jax import optim, sharding
+from llmopt_jax.stages import pretrain
+from llmopt_jax.train import loop
+from llmopt_jax.train import state as state_lib
+from llmopt_jax.train import step as step_lib
+from llmopt_jax.train.checkpoint import Checkpoints
+
+
+def tiny_config(tfds_dir, **train):
+  config = load_config('pretrain', 'tiny')
+  config.data.tfds_data_dir = tfds_dir
+  config.train.update(train)
+  return config
+
+
+def run(config, workdir, wrap_data=None):
+  task, _ = pretrain.build_task(config, str(workdir))
+  if wrap_data is not None:
+    task = loop.Task(**{**task.__dict__, 'train_data': wrap_data(task.train_data)})
+  return loop.train(config, str(workdir), task)
+
+
+def final_params(workdir, step):
+  restored = Checkpoints(
+      str(workdir / 'checkpoints'), keep_last=10, keep_best=0, best_metric='eval/loss',
+      best_mode='min').restore_progress(step)
+  del restored
+  import orbax.checkpoint as ocp
+  state = ocp.StandardCheckpointer().restore(workdir / 'checkpoints' / str(step) / 'state')
+  return jax.tree.leaves(state['params'])
+
+
+class Interrupt:
+  """Wraps a data iterator and raises after `limit` batches, like a kill between steps."""
+
+  def __init__(self, inner, limit):
+    self.inner, self.limit, self.served = inner, limit, 0
+
+  def __next__(self):
+    if self.served == self.limit:
+      raise KeyboardInterrupt('simulated interruption')
+    self.served += 1
+    return next(self.inner)
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+class Poison(Interrupt):
+  """Serves a batch whose weights are NaN as batch number `limit + 1`."""
+
+  def __next__(self):
+    self.served += 1
+    batch = next(self.inner)
+    if self.served == self.limit + 1:
+      batch = {**batch, 'weights': np.full_like(batch['weights'], np.nan)}
+    return batch
+
+
+def test_loss_falls_when_overfitting_one_batch(tfds_dir, tmp_path):
+  config = tiny_config(tfds_dir)
+  config.model.dropout_rate = 0.0
+  config.optim.update(lr=1e-2, warmup_steps=0, schedule='constant')
+  task, _ = pretrain.build_task(config, str(tmp_path))
+  tx = optim.make_optimizer(config.optim, 40)
+  graphdef, init = state_lib.init_fn(task.build_model, tx, seed=0)
+  state = jax.jit(init)()
+  step = jax.jit(step_lib.make_train_step(graphdef, tx, task.loss_fn, seed=0))
+  batch = next(task.train_data)
+  losses = []
+  for _ in range(40):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss'][0] / metrics['loss'][1]))
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_accumulation_matches_one_big_batch(tfds_dir, tmp_path):
+  config = tiny_config(tfds_dir)
+  config.model.dropout_rate = 0.0
+  task, _ = pretrain.build_task(config, str(tmp_path))
+  tx = optim.make_optimizer(config.optim, 10)
+  graphdef, init = state_lib.init_fn(task.build_model, tx, seed=0)
+  batch = next(task.train_data)
+  results = []
+  for k in (1, 4):
+    step = jax.jit(step_lib.make_train_step(graphdef, tx, task.loss_fn, seed=0,
+                                            num_micro_batches=k))
+    state, metrics = step(jax.jit(init)(), batch)
+    state, metrics = step(state, batch)
+    results.append((jax.tree.leaves(state.params), metrics['loss']))
+  (p1, l1), (p4, l4) = results
+  np.testing.assert_allclose(l1[0] / l1[1], l4[0] / l4[1], rtol=1e-5)
+  for a, b in zip(p1, p4):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_early_stopping_on_a_plateau_keeps_the_best(tfds_dir, tmp_path):
+  config = tiny_config(tfds_dir, num_steps=30, eval_every=3)
+  config.optim.update(lr=0.0, warmup_steps=0, schedule='constant')  # the loss cannot move
+  config.early_stopping.update(patience=2, min_delta=1e-3)
+  config.checkpoint.update(every_steps=100, keep_last=1, keep_best=1)
+  summary = run(config, tmp_path)
+  assert summary['early_stopped']
+  assert summary['final_step'] == 9           # evals at 3 (best), 6 and 9 (two without gain)
+  assert summary['best_step'] == 3
+  assert 3 in summary['checkpoint_steps']     # the best is kept beside the latest
+  assert (tmp_path / 'checkpoints' / '3').is_dir()
+  again = run(config, tmp_path)              # a rerun sees the finished run and does nothing
+  assert again['final_step'] == 9 and again['best_step'] == 3
+
+
+def test_nan_stops_with_the_step_named_and_keeps_the_last_checkpoint(tfds_dir, tmp_path):
+  config = tiny_config(tfds_dir, num_steps=10, eval_every=100, log_every=100)
+  config.checkpoint.every_steps = 3
+  with pytest.raises(loop.NonFiniteError, match=r'step 5\b.*step 3'):
+    run(config, tmp_path, wrap_data=lambda data: Poison(data, 4))
+  checkpoints = Checkpoints(str(tmp_path / 'checkpoints'), keep_last=2, keep_best=0,
+                            best_metric='eval/loss', best_mode='min')
+  assert checkpoints.latest_step() == 3
+  assert all(np.isfinite(p).all() for p in final_params(tmp_path, 3))
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tfds_dir, tmp_path):
+  config = tiny_config(tfds_dir, num_steps=8, eval_every=4, log_every=2)
+  config.checkpoint.every_steps = 1
+  config.model.dropout_rate = 0.1  # the dropout key must be restored too
+  run(config, tmp_path / 'straight')
+  with pytest.raises(KeyboardInterrupt):
+    run(config, tmp_path / 'resumed', wrap_data=lambda data: Interrupt(data, 5))
+  summary = run(config, tmp_path / 'resumed')
+  assert summary['final_step'] == 8
+  for a, b in zip(final_params(tmp_path / 'straight', 8), final_params(tmp_path / 'resumed', 8)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_state_is_born_with_the_rules_shardings(tfds_dir, tmp_path):
+  config = tiny_config(tfds_dir)
+  task, _ = pretrain.build_task(config, str(tmp_path))
+  tx = optim.make_optimizer(config.optim, 10)
+  _, init = state_lib.init_fn(task.build_model, tx, seed=0)
+  mesh = sharding.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
+  rules = dict(config.mesh.rules)
+  rules['mlp'] = 'data'  # split the MLP hidden axis 8 ways to see the rule take effect
+  abstract, shardings = state_lib.abstract_and_shardings(init, mesh, rules)
+  state = state_lib.initialize(init, shardings)
+  up = state.params['blocks'][0]['mlp']['up'].get_value()
+  assert up.sharding.spec == jax.sharding.PartitionSpec(None, 'data')
+  assert up.addressable_shards[0].data.shape == (up.shape[0], up.shape[1] // 8)
+  mu = state.opt_state[1][0].mu['blocks'][0]['mlp']['up'].get_value()
+  assert mu.sharding.spec == up.sharding.spec   # Adam's moments follow their parameter
