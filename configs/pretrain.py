@@ -25,7 +25,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.attention_dropout_rate = 0.0
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = 'tiny_shakespeare'  # a shipped builder, or any TFDS text set (lm1b, c4)
+  config.data.name = 'tiny_shakespeare'  # a shipped builder, any TFDS text set (lm1b, c4),
+                                         # or 'text_file' to read config.data.path
+  config.data.path = ''                  # a .txt file for name='text_file'; blank-line-
+                                         # separated documents, 90/10 train/validation
   config.data.tfds_data_dir = ''         # '' = TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
   config.data.text_field = 'text'
   config.data.train_split = 'train'
@@ -34,12 +37,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.vocab_size = 2048          # BPE only; small corpus, small vocabulary
   config.data.seq_len = 128
 
-  config.optim = configlib.optimizer(lr=3e-3, warmup_steps=50)
+  config.optim = configlib.optimizer(lr=3e-3, warmup_steps=40)
 
   config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 32           # global, in sequences
+  config.train.batch_size = 16           # global, in sequences (2k tokens: CPU-sized)
   config.train.num_micro_batches = 1     # gradient accumulation: batch_size / k per pass
-  config.train.num_steps = 600
+  config.train.num_steps = 400           # ~3 epochs of the BPE-tokenized corpus
   config.train.log_every = 20
   config.train.eval_every = 100
   config.train.eval_batches = 0          # 0 = the whole validation split

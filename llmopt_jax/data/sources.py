@@ -8,6 +8,8 @@ Shipped corpora are prepared from the repository on first use; public TFDS sets 
 prepared by the user once, in ArrayRecord format:
 
     tfds build lm1b --file_format=array_record --data_dir=$TFDS_DATA_DIR
+
+A user's own plain-text file needs no preparation: name `text_file` and give its `path`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Any, Protocol
 
 import tensorflow_datasets as tfds
 
-from llmopt_jax.data.tiny_shakespeare import TinyShakespeare
+from etils import epath
+
+from llmopt_jax.data.tiny_shakespeare import TinyShakespeare, builder as shakespeare
 
 # Corpora that ship with the repository, by the name configs use.
 SHIPPED_BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
@@ -61,13 +65,19 @@ class TfdsTextSource:
     return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
+# The dataset name that reads a local plain-text file instead of a TFDS set.
+TEXT_FILE = 'text_file'
+
+
 def load_text_source(name: str, split: str, *, data_dir: str | None,
-                     text_field: str = 'text') -> TextSource:
+                     text_field: str = 'text', path: str = '') -> TextSource:
   """The documents of `split` of dataset `name` (data_dir None: TFDS' default, TFDS_DATA_DIR).
 
   Every problem (unknown or unprepared dataset, unknown split or field, empty split) is a
   one-line error naming what to change.
   """
+  if name == TEXT_FILE:
+    return load_text_file(path, split)
   if name in SHIPPED_BUILDERS:
     builder = _prepare_shipped(SHIPPED_BUILDERS[name], data_dir)
   else:
@@ -136,3 +146,21 @@ def _check_not_empty(source: TextSource, name: str, split: str) -> None:
   if not any(source[i] for i in range(len(source))):
     contents = f'{len(source)} documents, all empty' if len(source) else 'no documents'
     raise ValueError(f'split {split!r} of {name} has no text ({contents})')
+
+
+def load_text_file(path: str, split: str) -> ListSource:
+  """A local plain-text corpus split the way tiny Shakespeare is.
+
+  Documents are the blocks between blank lines; 'train' holds those in the first ~90% of the
+  characters and 'validation' the rest.
+  """
+  if not path:
+    raise ValueError(f"config.data.path must name a text file when config.data.name='{TEXT_FILE}'")
+  documents = shakespeare.read_speeches(epath.Path(path))
+  cut = shakespeare.split_index(documents)
+  splits = {'train': documents[:cut], 'validation': documents[cut:]}
+  if split not in splits:
+    raise ValueError(f'{TEXT_FILE} has no split {split!r}; available: {sorted(splits)}')
+  source = ListSource(splits[split])
+  _check_not_empty(source, path, split)
+  return source

@@ -38,7 +38,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> tuple[loop.Ta
   data = config.data
   load = functools.partial(
       sources.load_text_source, data.name, data_dir=data.tfds_data_dir or None,
-      text_field=data.text_field)
+      text_field=data.text_field, path=data.path)
   train_source, eval_source = load(data.train_split), load(data.eval_split)
   tokenizer = tokenizers.get_tokenizer(
       data.tokenizer, vocab_size=data.vocab_size, path=os.path.join(workdir, 'tokenizer.json'),

@@ -86,10 +86,10 @@ class TinyShakespeare(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def read_speeches(path: epath.Path) -> list[str]:
   """The blocks of the corpus between blank lines; fails with the file name when unusable."""
   if not path.exists():
-    raise FileNotFoundError(f'tiny_shakespeare corpus file {path} is missing')
+    raise FileNotFoundError(f'corpus file {path} is missing')
   text = path.read_text(encoding='utf-8')
   if not text.strip():
-    raise ValueError(f'tiny_shakespeare corpus file {path} is empty')
+    raise ValueError(f'corpus file {path} is empty')
   return text.removesuffix('\n').split(SEPARATOR)
 
 
