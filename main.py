@@ -6,11 +6,10 @@
 Running again with the same workdir resumes from its last checkpoint.
 """
 
-import os
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from llmopt_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config, e.g. configs/pretrain.py or configs/pretrain.py:tiny.',
@@ -26,14 +25,10 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # JAX and Orbax are chatty at INFO
   from llmopt_jax import stages  # after flag parsing: a typo fails before JAX starts
   from llmopt_jax.train.loop import NonFiniteError
-  try:
-    stages.run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, OSError, NonFiniteError) as e:
-    if os.environ.get('LLMOPT_TRACEBACK'):
-      raise
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  cli.run_reporting_errors(
+      lambda: stages.run(_CONFIG.value, _WORKDIR.value),
+      expected=(ValueError, OSError, NonFiniteError))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -14,7 +14,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from llmopt_jax import losses, workdir as workdir_lib
+from llmopt_jax import losses, optim, workdir as workdir_lib
 from llmopt_jax.data import lm_pipeline, sources, tokenizers
 from llmopt_jax.models import stats
 from llmopt_jax.models.config import TransformerConfig
@@ -28,6 +28,7 @@ VOCAB_MULTIPLE = 128
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir_lib.prepare(workdir, config)
+  optim.make_optimizer(config.optim, config.train.num_steps)  # a bad field fails before data work
   task, model_config = build_task(config, workdir)
   _describe(model_config, config)
   return loop.train(config, workdir, task)

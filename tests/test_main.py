@@ -1,0 +1,309 @@
+"""main.py end to end, through the real command line in a subprocess.
+
+Properties: bad input fails with one line that names what to fix, a non-zero exit and no
+traceback; every config under configs/ runs at `tiny`; rerunning a finished run does nothing;
+and a run killed with SIGKILL at a random moment, then rerun, ends bit for bit where a run that
+was never interrupted ends.
+
+Subprocesses share one TFDS data dir (the shipped corpus is prepared once) and one JAX
+compilation cache (the tiny model is compiled once per set of shapes, not once per run).
+To replay a kill test at the same moment, set LLMOPT_TEST_KILL_SEED to the seed it logged.
+"""
+
+import glob
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import REPO
+from llmopt_jax.train.checkpoint import Checkpoints
+
+# Per subprocess. A tiny run takes seconds plus compilation; this only stops a hung run.
+TIMEOUT_S = 300
+ABSL_USAGE_HINT = 'Pass --helpshort or --helpfull'
+ORBAX_TMP = 'orbax-checkpoint-tmp'
+TINY = '--config=configs/pretrain.py:tiny'
+
+
+@pytest.fixture(scope='session')
+def cli_env(tfds_dir, tmp_path_factory) -> dict[str, str]:
+  """The environment of every main.py subprocess."""
+  env = dict(os.environ)  # keeps conftest's eight simulated devices: the CLI runs sharded
+  env.pop('LLMOPT_TRACEBACK', None)  # errors must take main.py's one-line path
+  env.update(
+      JAX_PLATFORMS='cpu',
+      TFDS_DATA_DIR=tfds_dir,  # the configs leave config.data.tfds_data_dir = ''
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+  )
+  return env
+
+
+def main_py(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+  """Runs `python main.py *args` in the repository; `subprocess.run` kills it on timeout."""
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def explain(result: subprocess.CompletedProcess) -> str:
+  return (f'exit {result.returncode}\n--- stdout ---\n{result.stdout}'
+          f'\n--- stderr ---\n{result.stderr}')
+
+
+def error_line(stderr: str) -> str:
+  """The last non-empty line of stderr, skipping absl's usage hint after a flag error."""
+  lines = [line.strip() for line in stderr.splitlines()
+           if line.strip() and not line.startswith(ABSL_USAGE_HINT)]
+  return lines[-1] if lines else ''
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *names: str) -> str:
+  """Non-zero exit, no traceback, and a final error line that contains every one of `names`."""
+  assert result.returncode != 0, explain(result)
+  assert 'Traceback' not in result.stderr, explain(result)
+  line = error_line(result.stderr)
+  assert 'error' in line.lower(), f'last stderr line {line!r} is no error\n{explain(result)}'
+  missing = [name for name in names if name not in line]
+  assert not missing, f'error line {line!r} does not name {missing}\n{explain(result)}'
+  return line
+
+
+def read_json(path) -> dict:
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def read_jsonl(path) -> list[dict]:
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+def step_dirs(checkpoint_dir) -> list[int]:
+  """Steps whose checkpoint Orbax has committed (renamed from its temporary name)."""
+  if not os.path.isdir(checkpoint_dir):
+    return []
+  return sorted(int(name) for name in os.listdir(checkpoint_dir) if name.isdigit())
+
+
+def orbax_tmp_dirs(checkpoint_dir) -> list[str]:
+  if not os.path.isdir(checkpoint_dir):
+    return []
+  return sorted(name for name in os.listdir(checkpoint_dir) if ORBAX_TMP in name)
+
+
+# ---- Bad input --------------------------------------------------------------------------------
+
+BAD_INPUT = {
+    # id: (arguments before --workdir, what the error line must name)
+    'missing_config_file': (['--config=configs/no_such_config.py'],
+                            ['configs/no_such_config.py']),
+    'unknown_model_preset': (['--config=configs/pretrain.py:model=huge'], ['huge', 'small']),
+    'unknown_config_argument': (['--config=configs/pretrain.py:tiniest'], ['tiniest', 'tiny']),
+    'override_of_wrong_type': ([TINY, '--config.optim.lr=abc'], ['config.optim.lr', 'abc']),
+    'unknown_override_field': ([TINY, '--config.optim.lrr=1e-3'], ['optim.lrr']),
+    'unknown_dataset': ([TINY, '--config.data.name=no_such_set'], ['no_such_set']),
+    'unknown_split': ([TINY, '--config.data.eval_split=test'], ['split', 'test', 'validation']),
+    'unknown_stage': ([TINY, '--config.stage=nope'], ['nope', 'pretrain']),
+    'unknown_schedule': ([TINY, '--config.optim.schedule=exp'], ['schedule', 'exp', 'cosine']),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_INPUT), ids=list(BAD_INPUT))
+def test_bad_input_fails_with_one_line_naming_the_problem(case, cli_env, tmp_path):
+  """A mistake in the config file, a preset, an argument, an override or a name stops the
+  run before any training state is written: a non-zero exit and one error line naming the
+  culprit (and, where there is a fixed set, what is allowed), not a traceback."""
+  args, names = BAD_INPUT[case]
+  workdir = tmp_path / 'run'
+  result = main_py(cli_env, *args, f'--workdir={workdir}')
+  assert_one_line_error(result, *names)
+  assert not (workdir / 'checkpoints').exists(), 'a failed run wrote checkpoints'
+
+
+def test_workdir_that_is_a_file_is_refused_and_left_alone(cli_env, tmp_path):
+  """--workdir naming an existing file fails with the file named, and the file is untouched."""
+  path = tmp_path / 'notes.txt'
+  content = b'results I must not lose\n'
+  path.write_bytes(content)
+  result = main_py(cli_env, TINY, f'--workdir={path}')
+  assert_one_line_error(result, str(path))
+  assert path.read_bytes() == content
+  assert sorted(os.listdir(tmp_path)) == ['notes.txt'], 'something was written beside it'
+
+
+# The `text_file` source: one local file, documents separated by blank lines.
+
+def test_missing_text_file_is_named(cli_env, tmp_path):
+  """config.data.path pointing at no file fails with that path in the error line."""
+  path = tmp_path / 'no_such_corpus.txt'
+  result = main_py(cli_env, TINY, '--config.data.name=text_file', f'--config.data.path={path}',
+                   f'--workdir={tmp_path / "run"}')
+  assert_one_line_error(result, str(path))
+
+
+@pytest.mark.parametrize('content', ['', '\n\n   \n\n'], ids=['empty', 'blank_lines_only'])
+def test_empty_text_file_is_named_as_an_empty_corpus(content, cli_env, tmp_path):
+  """A text file without a single document fails with the file named and the corpus called
+  empty, instead of training on nothing or failing later with a shape error."""
+  path = tmp_path / 'corpus.txt'
+  path.write_text(content, encoding='utf-8')
+  result = main_py(cli_env, TINY, '--config.data.name=text_file', f'--config.data.path={path}',
+                   f'--workdir={tmp_path / "run"}')
+  line = assert_one_line_error(result, str(path))
+  assert re.search(r'empty|no (text|documents)', line, re.IGNORECASE), line
+
+
+# ---- Every config, tiny -----------------------------------------------------------------------
+
+CONFIG_FILES = sorted(glob.glob('configs/*.py', root_dir=REPO))
+
+
+@pytest.mark.parametrize('config_file', CONFIG_FILES, ids=os.path.basename)
+def test_every_config_runs_at_tiny(config_file, cli_env, tmp_path):
+  """Each config's `tiny` argument runs two steps from the command line, writes summary.json
+  and says where the results are."""
+  workdir = tmp_path / 'run'
+  result = main_py(cli_env, f'--config={config_file}:tiny', '--config.train.num_steps=2',
+                   f'--workdir={workdir}')
+  assert result.returncode == 0, explain(result)
+  summary = read_json(workdir / 'summary.json')
+  assert summary['final_step'] == 2, summary
+  assert str(workdir) in result.stdout + result.stderr, explain(result)
+
+
+# ---- Resume -----------------------------------------------------------------------------------
+
+def test_rerunning_a_finished_run_does_nothing(cli_env, tmp_path):
+  """The same command twice: the second run finds the finished run, says so, and neither
+  trains nor rewrites its metrics or checkpoints."""
+  workdir = tmp_path / 'run'
+  command = [TINY, f'--workdir={workdir}']
+  first = main_py(cli_env, *command)
+  assert first.returncode == 0, explain(first)
+  summary = read_json(workdir / 'summary.json')
+  metrics = (workdir / 'metrics.jsonl').read_text()
+  steps = step_dirs(workdir / 'checkpoints')
+
+  start = time.perf_counter()
+  again = main_py(cli_env, *command)
+  print(f'rerun took {time.perf_counter() - start:.1f} s')
+  assert again.returncode == 0, explain(again)
+  assert re.search(r'nothing to do', again.stderr, re.IGNORECASE), explain(again)
+  assert not re.search(r'^step \d+/', again.stderr, re.MULTILINE), 'the rerun trained'
+  assert read_json(workdir / 'summary.json')['final_step'] == summary['final_step']
+  assert (workdir / 'metrics.jsonl').read_text() == metrics
+  assert step_dirs(workdir / 'checkpoints') == steps
+
+
+# ---- SIGKILL, then resume ---------------------------------------------------------------------
+
+KILL_RUN = [TINY, '--config.train.num_steps=40', '--config.checkpoint.every_steps=1',
+            '--config.train.eval_every=10', '--config.train.log_every=5']  # dropout stays on
+
+
+def restored_state(workdir, step: int):
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+
+
+def restored_progress(workdir, step: int) -> dict:
+  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), keep_last=100, keep_best=0,
+                            best_metric='eval/loss', best_mode='min')
+  try:
+    return checkpoints.restore_progress(step)
+  finally:
+    checkpoints.close()
+
+
+def eval_records(workdir) -> list[dict]:
+  return [r for r in read_jsonl(workdir / 'metrics.jsonl') if 'eval/loss' in r]
+
+
+def train_log_steps(workdir) -> list[int]:
+  return [r['step'] for r in read_jsonl(workdir / 'metrics.jsonl') if 'train/loss' in r]
+
+
+def start_and_kill(env, args, workdir, delay_s: float) -> bool:
+  """Starts main.py, waits for its first committed checkpoint plus `delay_s`, then SIGKILLs it.
+
+  Returns whether the run had already finished by then. The child never outlives this call.
+  """
+  log_path = workdir.parent / f'{workdir.name}.log'
+  log = open(log_path, 'w', encoding='utf-8')
+  proc = subprocess.Popen([sys.executable, 'main.py', *args, f'--workdir={workdir}'], cwd=REPO,
+                          env=env, stdout=log, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not step_dirs(workdir / 'checkpoints'):
+      assert proc.poll() is None, f'exited {proc.returncode} first:\n{log_path.read_text()}'
+      assert time.monotonic() < deadline, f'no checkpoint in time:\n{log_path.read_text()}'
+      time.sleep(0.02)
+    time.sleep(delay_s)
+    finished = proc.poll() is not None
+    if not finished:
+      os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=TIMEOUT_S)
+    if finished:
+      assert proc.returncode == 0, log_path.read_text()
+    return finished
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+    log.close()
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(cli_env, tmp_path):
+  """A run SIGKILLed at a random moment and rerun resumes from its newest committed checkpoint
+  (never from an Orbax temporary directory) and ends with the same state, bit for bit, and
+  the same evaluation records as a run that was never interrupted."""
+  seed = int(os.environ.get('LLMOPT_TEST_KILL_SEED', random.SystemRandom().randrange(2**32)))
+  # At a few tenths of a second per step, this lands anywhere from step 1 to past the first
+  # evaluation (step 10), whose checkpoint keep-best then holds beside the latest two.
+  delay_s = random.Random(seed).uniform(0.0, 3.0)
+  print(f'kill seed {seed}: SIGKILL {delay_s:.3f} s after the first checkpoint')
+
+  straight = tmp_path / 'straight'
+  result = main_py(cli_env, *KILL_RUN, f'--workdir={straight}')
+  assert result.returncode == 0, explain(result)
+
+  killed = tmp_path / 'killed'
+  finished = start_and_kill(cli_env, KILL_RUN, killed, delay_s)
+  committed = step_dirs(killed / 'checkpoints')
+  print(f'finished before the kill: {finished}; committed steps {committed}; '
+        f'Orbax temporary dirs {orbax_tmp_dirs(killed / "checkpoints")}')
+
+  result = main_py(cli_env, *KILL_RUN, f'--workdir={killed}')
+  assert result.returncode == 0, explain(result)
+  if finished:
+    assert re.search(r'nothing to do', result.stderr, re.IGNORECASE), explain(result)
+  else:
+    resumed = re.search(r'resumed from \S*/(\d+)\.?$', result.stderr,
+                        re.IGNORECASE | re.MULTILINE)
+    assert resumed, 'the rerun does not say it resumed\n' + explain(result)
+    assert int(resumed.group(1)) == committed[-1] > 0, (resumed.group(0), committed)
+
+  summary = read_json(killed / 'summary.json')
+  assert summary['final_step'] == 40, summary
+  assert summary['checkpoint_steps'] == read_json(straight / 'summary.json')['checkpoint_steps']
+  assert orbax_tmp_dirs(killed / 'checkpoints') == []
+
+  want, got = restored_state(straight, 40), restored_state(killed, 40)
+  assert jax.tree.structure(want) == jax.tree.structure(got)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b, err_msg=f'state{jax.tree_util.keystr(path)} differs')
+  assert restored_progress(killed, 40) == restored_progress(straight, 40)
+
+  # Records of steps redone after the kill are replaced, not duplicated or lost.
+  assert eval_records(killed) == eval_records(straight)
+  assert train_log_steps(killed) == train_log_steps(straight)
