@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import jax
@@ -112,6 +112,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
     for step in range(start + 1, num_steps + 1):
       batch = sharding.shard_batch(next(task.train_data), mesh, rules)
       state, step_metrics = train_step(state, batch)
+      # Keep at most one step queued behind the running one: the device never idles, and
+      # host memory for queued batches stays bounded (deep queues of collectives have also
+      # been seen to hang XLA's CPU runtime on simulated multi-device meshes).
+      window.wait_for_previous()
       window.add(step, step_metrics)
       timer.count(batch['inputs'].size)
 
@@ -157,6 +161,10 @@ class _Window:
     self._checkpoints = checkpoints
     self._pending: list[tuple[int, Any]] = []
     self._unchecked = 0
+
+  def wait_for_previous(self) -> None:
+    if self._pending:
+      jax.block_until_ready(self._pending[-1][1]['finite'][0])
 
   def add(self, step: int, step_metrics) -> None:
     self._pending.append((step, step_metrics))
