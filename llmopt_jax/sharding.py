@@ -96,6 +96,12 @@ def use(mesh: Mesh, rules: Rules) -> Iterator[None]:
     _active.value = previous
 
 
+def active() -> tuple[Mesh, Rules] | None:
+  """The (mesh, rules) of the enclosing `use(...)`, or None outside one."""
+  current = getattr(_active, 'value', None)
+  return None if current is None else (current.mesh, current.rules)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """Pins an activation's sharding by logical axes; a no-op outside `use(...)`."""
   active = getattr(_active, 'value', None)
