@@ -16,6 +16,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 flags.mark_flags_as_required(['config', 'workdir'])
+# Multi-process runs (WORKSPACE.md, "Scaling out"); all three empty/default = one process.
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', '', 'host:port of process 0, for a multi-process run.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 1, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', 0, 'This process, in [0, num_processes).')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Join a multi-process run found by JAX (TPU pod slice, SLURM, MPI).')
 
 
 def main(argv: list[str]) -> None:
@@ -23,11 +30,15 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # JAX and Orbax are chatty at INFO
-  from llmopt_jax import stages  # after flag parsing: a typo fails before JAX starts
+  from llmopt_jax import distributed, stages  # after flag parsing: typos fail before JAX starts
   from llmopt_jax.train.loop import NonFiniteError
-  cli.run_reporting_errors(
-      lambda: stages.run(_CONFIG.value, _WORKDIR.value),
-      expected=(ValueError, OSError, NonFiniteError))
+
+  def run() -> None:
+    distributed.initialize(
+        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value, auto=_DISTRIBUTED.value)
+    stages.run(_CONFIG.value, _WORKDIR.value)
+  cli.run_reporting_errors(run, expected=(ValueError, OSError, NonFiniteError))
 
 
 if __name__ == '__main__':

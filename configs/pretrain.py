@@ -4,9 +4,11 @@
   python main.py --config=configs/pretrain.py:tiny --workdir=/tmp/lm           # seconds
   python main.py --config=configs/pretrain.py:model=base,tokenizer=byte --workdir=runs/lm_b
   python main.py --config=configs/pretrain.py --config.optim.lr=1e-3 --workdir=runs/lm_lr
+  python main.py --config=configs/pretrain.py:mesh=fsdp --config.mesh.rules.mlp=tensor \
+      --config.mesh.shape="{'data': 2, 'fsdp': 2, 'tensor': 2}" --workdir=runs/lm_2x2x2
 
 Arguments (after the colon): tiny, model=<preset> (tiny|small|base|llama_1b|llama_7b),
-tokenizer=<bpe|byte>.
+tokenizer=<bpe|byte>, mesh=<preset> (data|fsdp|tensor|fsdp_tensor; llmopt_jax/sharding.py).
 """
 
 import ml_collections
@@ -15,8 +17,8 @@ from llmopt_jax import configlib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = configlib.parse_arg(arg, tiny=False, model='small', tokenizer='bpe')
-  config = configlib.common(seed=0)
+  arg = configlib.parse_arg(arg, tiny=False, model='small', tokenizer='bpe', mesh='data')
+  config = configlib.common(seed=0, mesh_preset=arg.mesh)
   config.stage = 'pretrain'
 
   # Every field of the preset; `vocab_size` is replaced by the tokenizer's (rounded up).
@@ -36,6 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.tokenizer = arg.tokenizer  # 'bpe' (trained on the train split) or 'byte'
   config.data.vocab_size = 2048          # BPE only; small corpus, small vocabulary
   config.data.seq_len = 128
+  config.data.num_shards = 0             # data shards; 0 = one per process. Fix it to keep the
+                                         # global batch identical across process counts
 
   config.optim = configlib.optimizer(lr=3e-3, warmup_steps=40)
 

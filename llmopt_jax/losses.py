@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llmopt_jax import sharding, vocab_parallel
 from llmopt_jax.metrics import MetricSums
 
 
@@ -17,8 +18,15 @@ def cross_entropy_sum(
     logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Sum of -log p(target) over weighted positions, and the sum of weights.
 
-  logits: [B, T, V]; targets: [B, T] int; weights: [B, T] (0 for padding).
+  logits: [B, T, V]; targets: [B, T] int; weights: [B, T] (0 for padding). When traced
+  under `sharding.use(...)` with rules that split the vocabulary (tensor parallelism), the
+  sum is taken shard by shard with explicit collectives (see `vocab_parallel`), so that no
+  [B, T, V] all-gather can appear whatever the partitioner decides for the plain form below.
   """
+  active = sharding.active()
+  if active is not None and vocab_parallel.vocab_is_split(*active):
+    mesh, rules = active
+    return vocab_parallel.cross_entropy_sum(logits, targets, weights, mesh=mesh, rules=rules)
   logits = logits.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)                                   # [B, T]
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -29,6 +37,8 @@ def cross_entropy_sum(
 def accuracy_sum(
     logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Number of weighted positions whose arg-max prediction is the target, and the weight."""
+  # No vocab-parallel twin needed: on vocab-sharded logits the compiler partitions argmax into
+  # a local (max, index) reduction and a small cross-shard one, without gathering the logits.
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   return jnp.sum(correct * weights), jnp.sum(weights)
 

@@ -28,3 +28,16 @@ def load_config(name: str, arg: str | None = None):
 def tfds_dir(tmp_path_factory) -> str:
   """One TFDS data dir per test session, so shipped sets are prepared once, never in $HOME."""
   return str(tmp_path_factory.mktemp('tfds'))
+
+
+def restore_state(workdir, step: int) -> dict:
+  """The `state` item of checkpoint `step`, on this process's first device, whatever mesh or
+  number of processes wrote it."""
+  import jax
+  import orbax.checkpoint as ocp
+  path = os.path.join(str(workdir), 'checkpoints', str(step), 'state')
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        checkpointer.metadata(path).item_metadata)
+  return checkpointer.restore(path, target)

@@ -204,12 +204,12 @@ def epoch_docs(iterator, epoch):
 
 
 @pytest.mark.parametrize('epoch', [0, 1])
-def test_process_shards_are_disjoint_and_cover(epoch):
+def test_shards_are_disjoint_and_cover(epoch):
   source, count = tiny_source(20), 3
   seen = []
   for index in range(count):
-    docs = stream_docs(epoch_docs(make_batches(source, process_index=index,
-                                               process_count=count), epoch))
+    docs = stream_docs(epoch_docs(make_batches(source, shard_index=index,
+                                               shard_count=count), epoch))
     per_epoch = len(range(index, len(source), count))
     seen.append(docs[epoch * per_epoch:(epoch + 1) * per_epoch])
   assert sum(len(s) for s in seen) == len(source)
@@ -224,9 +224,9 @@ def test_epochs_are_different_permutations():
   assert first != second
 
 
-@pytest.mark.parametrize('process_index', [0, 1])
-def test_resume_gives_the_uninterrupted_batches(process_index):
-  kwargs = {'process_index': process_index, 'process_count': 2, 'seq_len': 5}
+@pytest.mark.parametrize('shard_index', [0, 1])
+def test_resume_gives_the_uninterrupted_batches(shard_index):
+  kwargs = {'shard_index': shard_index, 'shard_count': 2, 'seq_len': 5}
   reference = take(make_batches(**kwargs), 30)
   epochs = set()
   for k in range(0, 25, 3):
@@ -245,9 +245,9 @@ def test_resume_gives_the_uninterrupted_batches(process_index):
 
 
 def test_resume_rejects_foreign_states():
-  state = make_batches(process_index=0, process_count=2).get_state()
-  with pytest.raises(ValueError, match='process 0 of 2 cannot resume process 1 of 2'):
-    make_batches(process_index=1, process_count=2, state=state)
+  state = make_batches(shard_index=0, shard_count=2).get_state()
+  with pytest.raises(ValueError, match='shard 0 of 2 cannot resume shard 1 of 2'):
+    make_batches(shard_index=1, shard_count=2, state=state)
   with pytest.raises(ValueError, match='offset is outside'):
     make_batches(state={'epoch': 0, 'doc': 0, 'offset': 1000})
 
@@ -266,7 +266,7 @@ def test_eval_weights_count_every_target_once(seq_len, batch_size, count):
   source = tiny_source(13)
   for index in range(count):
     batches = lm_pipeline.eval_batches(source, BYTES, seq_len=seq_len, batch_size=batch_size,
-                                       process_index=index, process_count=count)
+                                       shard_index=index, shard_count=count)
     stream = np.concatenate([np.append(BYTES.encode(source[i]), BYTES.eos_id)
                              for i in range(index, len(source), count)])
     assert sum(b['weights'].sum() for b in batches) == len(stream) - 1

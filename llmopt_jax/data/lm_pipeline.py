@@ -1,15 +1,17 @@
-"""Packed language-model batches: sharded per process, deterministic, and exactly resumable.
+"""Packed language-model batches: sharded, deterministic, and exactly resumable.
 
 Documents are tokenized as `encode(text) + [eos]` and concatenated into one token stream.
 A row is a window of T + 1 tokens and the next row starts T tokens later, so consecutive rows
 share one token and every transition of the stream is a target exactly once.
 
-Training walks, epoch after epoch, a fresh permutation of the documents of which this process
-takes every `process_count`-th, so processes see disjoint shards that together cover the split.
-The position in the stream is three integers (epoch, doc, offset), which is all a checkpoint
-needs to resume with the very batches an uninterrupted run would have produced.
+Training walks, epoch after epoch, a fresh permutation of the documents of which data shard
+s of n takes every n-th, so shards are disjoint and together cover the split. A process reads
+one or more shards (`ShardedBatches` stacks their rows); because the number of shards is fixed
+by the config, not by the number of processes, the global batch is the same whether one
+process or many read it. A shard's position is three integers (epoch, doc, offset), which is
+all a checkpoint needs to resume with the very batches an uninterrupted run would produce.
 
-Shapes: b = batch rows (per process), T = seq_len.
+Shapes: b = batch rows (of this shard), T = seq_len.
 """
 
 from __future__ import annotations
@@ -45,17 +47,17 @@ class LMBatches:
   """Iterator of training batches {'inputs', 'targets': int32[b, T], 'weights': f32[b, T]}."""
 
   def __init__(self, source: TextSource, tokenizer: Tokenizer, *, seq_len: int,
-               batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
+               batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
                state: dict[str, int] | None = None):
     if seq_len < 1 or batch_size < 1:
       raise ValueError(f'seq_len={seq_len} and batch_size={batch_size} must be positive')
-    if not 0 <= process_index < process_count:
-      raise ValueError(f'process_index={process_index} is not in [0, {process_count})')
-    if len(source) < process_count:
-      raise ValueError(f'{len(source)} documents cannot be shared by {process_count} processes')
+    if not 0 <= shard_index < shard_count:
+      raise ValueError(f'shard_index={shard_index} is not in [0, {shard_count})')
+    if len(source) < shard_count:
+      raise ValueError(f'{len(source)} documents cannot be split into {shard_count} shards')
     self._source, self._tokenizer = source, tokenizer
     self._seq_len, self._batch_size, self._seed = seq_len, batch_size, seed
-    self._process_index, self._process_count = process_index, process_count
+    self._shard_index, self._shard_count = shard_index, shard_count
     self._index = _window_index(seq_len, batch_size)
     self._orders: dict[int, np.ndarray] = {}
     self.set_state(state or {'epoch': 0, 'doc': 0, 'offset': 0})
@@ -77,18 +79,18 @@ class LMBatches:
   def get_state(self) -> dict[str, int]:
     """Where the next row starts: JSON-ready ints, the same size whatever the batch shape."""
     return {'epoch': self._epoch, 'doc': self._doc, 'offset': self._offset,
-            'process_index': self._process_index, 'process_count': self._process_count}
+            'shard_index': self._shard_index, 'shard_count': self._shard_count}
 
   def set_state(self, state: dict[str, int]) -> None:
     """Moves to a position from `get_state`; only the document there is re-tokenized."""
     if missing := {'epoch', 'doc', 'offset'} - set(state):
       raise ValueError(f'data state {state} lacks {sorted(missing)}')
     epoch, doc, offset = (int(state[k]) for k in ('epoch', 'doc', 'offset'))
-    shard = (state.get('process_index', self._process_index),
-             state.get('process_count', self._process_count))
-    if shard != (self._process_index, self._process_count):
-      raise ValueError(f'data state of process {shard[0]} of {shard[1]} cannot resume process '
-                       f'{self._process_index} of {self._process_count}')
+    shard = (state.get('shard_index', self._shard_index),
+             state.get('shard_count', self._shard_count))
+    if shard != (self._shard_index, self._shard_count):
+      raise ValueError(f'data state of shard {shard[0]} of {shard[1]} cannot resume shard '
+                       f'{self._shard_index} of {self._shard_count}')
     if epoch < 0 or not 0 <= doc < len(self._order(epoch)):
       raise ValueError(f'data state {state} points outside epoch {epoch} of this shard')
     tokens = self._tokens(epoch, doc)
@@ -101,11 +103,11 @@ class LMBatches:
     self._next = self._following(epoch, doc)  # Next document to tokenize.
 
   def _order(self, epoch: int) -> np.ndarray:
-    """This process's document indices for `epoch`, in the order it reads them."""
+    """This shard's document indices for `epoch`, in the order it reads them."""
     if epoch not in self._orders:
       rng = np.random.default_rng([self._seed, epoch])
       perm = rng.permutation(len(self._source))
-      self._orders[epoch] = perm[self._process_index::self._process_count]
+      self._orders[epoch] = perm[self._shard_index::self._shard_count]
       # Reading touches at most the current and the next epoch; drop anything older.
       for old in [e for e in self._orders if e < epoch - 1]:
         del self._orders[old]
@@ -140,18 +142,52 @@ class LMBatches:
 
 
 def eval_batches(source: TextSource, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-                 process_index: int = 0, process_count: int = 1,
+                 shard_index: int = 0, shard_count: int = 1,
                  max_batches: int | None = None) -> list[Batch]:
-  """This process's documents in order, packed like training; the tail padded with weight 0.
+  """A shard's documents in order, packed like training; the tail padded with weight 0.
 
   Summing `weights` over the batches counts each target of the shard's stream once, i.e.
   (tokens in the stream - 1), so sums of losses and weights give exact perplexity. Processes
   may get different numbers of batches.
   """
-  docs = (source[i] for i in range(process_index, len(source), process_count))
+  docs = (source[i] for i in range(shard_index, len(source), shard_count))
   stream = (_doc_tokens(tokenizer, text) for text in docs)  # Tokenized lazily.
   batches = _packed_batches(stream, seq_len, batch_size, tokenizer.pad_id)
   return list(itertools.islice(batches, max_batches))
+
+
+class ShardedBatches:
+  """The batches of several data shards read by one process, stacked along the rows."""
+
+  def __init__(self, shards: list[LMBatches]):
+    self._shards = shards
+
+  def __iter__(self) -> ShardedBatches:
+    return self
+
+  def __next__(self) -> Batch:
+    batches = [next(shard) for shard in self._shards]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self) -> dict[str, list[dict[str, int]]]:
+    return {'shards': [shard.get_state() for shard in self._shards]}
+
+  def set_state(self, state: dict[str, list[dict[str, int]]]) -> None:
+    if len(state['shards']) != len(self._shards):
+      raise ValueError(f'data state holds {len(state["shards"])} shards, this process reads '
+                       f'{len(self._shards)}')
+    for shard, shard_state in zip(self._shards, state['shards']):
+      shard.set_state(shard_state)
+
+
+def pad_batches(batches: list[Batch], count: int, template: Batch) -> list[Batch]:
+  """`batches` plus zero-weight copies of `template` up to `count` batches.
+
+  Every process must run the same number of eval steps (each is a collective over all
+  devices), but processes may hold different numbers of eval batches.
+  """
+  filler = {k: np.zeros_like(v) for k, v in template.items()}
+  return batches + [filler] * (count - len(batches))
 
 
 def _packed_batches(stream: Iterator[np.ndarray], seq_len: int, batch_size: int,

@@ -12,9 +12,10 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
-from llmopt_jax import losses, optim, workdir as workdir_lib
+from llmopt_jax import distributed, losses, optim, workdir as workdir_lib
 from llmopt_jax.data import lm_pipeline, sources, tokenizers
 from llmopt_jax.models import stats
 from llmopt_jax.models.config import TransformerConfig
@@ -47,14 +48,12 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> tuple[loop.Ta
 
   model_config = TransformerConfig.from_dict({
       **config.model.to_dict(), 'vocab_size': _round_up(tokenizer.vocab_size, VOCAB_MULTIPLE)})
-  batch_size = _per_process(config.train.batch_size)
-  shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_data = lm_pipeline.LMBatches(
-      train_source, tokenizer, seq_len=data.seq_len, batch_size=batch_size, seed=config.seed,
-      **shard)
-  eval_data = lm_pipeline.eval_batches(
-      eval_source, tokenizer, seq_len=data.seq_len, batch_size=batch_size,
-      max_batches=config.train.eval_batches or None, **shard)
+  train_data = lm_pipeline.ShardedBatches([
+      lm_pipeline.LMBatches(
+          train_source, tokenizer, seq_len=data.seq_len, batch_size=rows, seed=config.seed,
+          shard_index=shard, shard_count=count)
+      for shard, rows, count in _my_shards(config)])
+  eval_data = _eval_batches(config, eval_source, tokenizer)
   task = loop.Task(
       build_model=lambda rngs: Transformer(model_config, rngs=rngs),
       loss_fn=losses.lm_loss,
@@ -65,11 +64,35 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> tuple[loop.Ta
   return task, model_config
 
 
-def _per_process(global_batch: int) -> int:
-  if global_batch % jax.process_count():
-    raise ValueError(f'config.train.batch_size={global_batch} does not divide over '
-                     f'{jax.process_count()} processes')
-  return global_batch // jax.process_count()
+def _my_shards(config: ml_collections.ConfigDict) -> list[tuple[int, int, int]]:
+  """(shard index, rows per batch, shard count) of the data shards this process reads.
+
+  The number of shards is a config field, not the number of processes, so the global batch
+  (and with it the whole run) is the same on one process or on many.
+  """
+  processes, me = jax.process_count(), jax.process_index()
+  count = config.data.num_shards or processes
+  if count % processes:
+    raise ValueError(f'config.data.num_shards={count} must be a multiple of the '
+                     f'{processes} processes')
+  if config.train.batch_size % count:
+    raise ValueError(f'config.train.batch_size={config.train.batch_size} must be a multiple '
+                     f'of the {count} data shards (config.data.num_shards)')
+  rows, per_process = config.train.batch_size // count, count // processes
+  return [(shard, rows, count) for shard in range(me * per_process, (me + 1) * per_process)]
+
+
+def _eval_batches(config: ml_collections.ConfigDict, source, tokenizer) -> list[dict]:
+  """This process's validation batches, padded so every process runs as many eval steps."""
+  rows = config.train.batch_size // jax.process_count()
+  batches = lm_pipeline.eval_batches(
+      source, tokenizer, seq_len=config.data.seq_len, batch_size=rows,
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      max_batches=config.train.eval_batches or None)
+  count = distributed.max_over_processes(len(batches))
+  template = {k: np.zeros((rows, config.data.seq_len), v)
+              for k, v in (('inputs', np.int32), ('targets', np.int32), ('weights', np.float32))}
+  return lm_pipeline.pad_batches(batches, count, template)
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from llmopt_jax import metrics as metrics_lib
-from llmopt_jax import optim, sharding
+from llmopt_jax import distributed, optim, sharding
 from llmopt_jax.train import state as state_lib
 from llmopt_jax.train import step as step_lib
 from llmopt_jax.train.checkpoint import Checkpoints
@@ -77,7 +77,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
     state = state_lib.initialize(init, shardings)
   else:
     state, progress = checkpoints.restore(start, abstract)
-    task.train_data.set_state(progress['data'])
+    task.train_data.set_state(_this_process(progress['data'], checkpoints.directory))
     stopper = stopper.with_json(progress['early_stopping'])
 
   log = Logger(workdir, total_steps=num_steps, start_step=start)
@@ -100,13 +100,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
     return metrics_lib.prefixed(metrics_lib.finalize(sums), 'eval')
 
   def save(step: int, eval_metrics: dict[str, float] | None) -> None:
-    progress = {'data': task.train_data.get_state(), 'early_stopping': stopper.to_json()}
+    # Every process's data position (one list entry per process); all processes call this.
+    progress = {'data': distributed.allgather_json(task.train_data.get_state()),
+                'early_stopping': stopper.to_json()}
     checkpoints.save(step, state, progress, metrics=eval_metrics)
 
   # ---- Loop ---------------------------------------------------------------------------------
   window = _Window(checkpoints)
   schedule = optim.make_schedule(config.optim, num_steps)
-  eval_metrics = None
+  eval_metrics, last_train_loss = None, float('nan')
   timer = _Throughput()
   try:
     for step in range(start + 1, num_steps + 1):
@@ -126,6 +128,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
         log.write(step, {**metrics_lib.prefixed(means, 'train'),
                          'train/lr': float(schedule(step - 1)), 'train/tokens_per_s': throughput})
         log.progress(step, loss=means['loss'], tok_s=throughput)
+        last_train_loss = means['loss']
       else:
         log.progress(step)
 
@@ -146,7 +149,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
         break
   finally:
     checkpoints.wait()
+  if jax.process_count() > 1:  # lets a launcher check that the processes agree
+    print(f'process {jax.process_index()}/{jax.process_count()}: step {step}, '
+          f'train loss {last_train_loss:.8f}', flush=True)
   return _finish(workdir, checkpoints, log, stopper, step, eval_metrics)
+
+
+def _this_process(states: list[dict], directory: str) -> dict:
+  """This process's entry of the data positions saved by every process."""
+  if len(states) != jax.process_count():
+    raise ValueError(f'the checkpoints in {directory} were written by {len(states)} '
+                     f'processes; resume with the same number (now {jax.process_count()})')
+  return states[jax.process_index()]
 
 
 class _Window:

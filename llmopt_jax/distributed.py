@@ -1,0 +1,61 @@
+"""Multi-process runs: joining the job, and the few host-side collectives the loop needs.
+
+The same code runs as one process or as many (one per host on a TPU pod slice or a GPU
+cluster, or several on one machine for testing). Every process runs the whole program on its
+own slice of the data; JAX makes the arrays global, Orbax writes checkpoints from all of them,
+and only process 0 logs.
+
+Launch forms (see WORKSPACE.md):
+  explicit:  main.py ... --coordinator_address=host0:1234 --num_processes=2 --process_id=0
+  detected:  main.py ... --distributed      (TPU pod slices, SLURM, Open MPI: JAX finds peers)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+def initialize(*, coordinator_address: str = '', num_processes: int = 1, process_id: int = 0,
+               auto: bool = False) -> None:
+  """Joins the multi-process job described by the flags; a no-op for a single process.
+
+  Must run before anything touches a JAX backend.
+  """
+  if not coordinator_address and not auto:
+    if num_processes != 1:
+      raise ValueError(f'--num_processes={num_processes} needs --coordinator_address')
+    return
+  # CPU processes exchange collectives through gloo (the CPU client has no other transport);
+  # the setting is ignored by GPU and TPU clients, so it is safe to set everywhere.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if auto:
+    jax.distributed.initialize()
+    return
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f'--process_id={process_id} must lie in [0, --num_processes={num_processes})')
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes,
+      process_id=process_id)
+
+
+def allgather_json(value: Any) -> list[Any]:
+  """`value` from every process, in process order (JSON-able values; small ones)."""
+  if jax.process_count() == 1:
+    return [value]
+  encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.int32(len(encoded)))
+  padded = np.zeros(int(np.max(lengths)), np.uint8)
+  padded[:len(encoded)] = encoded
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:n])) for row, n in zip(gathered, lengths)]
+
+
+def max_over_processes(value: int) -> int:
+  if jax.process_count() == 1:
+    return value
+  return int(np.max(multihost_utils.process_allgather(np.int64(value))))
