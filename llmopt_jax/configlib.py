@@ -11,6 +11,7 @@ import dataclasses
 
 import ml_collections
 
+from llmopt_jax import sharding
 from llmopt_jax.models import config as model_config
 
 
@@ -48,18 +49,32 @@ def model_fields(preset: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dataclasses.asdict(model_config.get_preset(preset)))
 
 
-def common(seed: int = 0) -> ml_collections.ConfigDict:
+def mesh(preset: str = 'data') -> ml_collections.ConfigDict:
+  """The `config.mesh` section of a preset in `sharding.MESH_PRESETS`.
+
+  Rules are tuples of mesh axes (empty: not split) so that each one can be overridden on the
+  command line: `--config.mesh.rules.mlp=tensor` or `--config.mesh.rules.embed="('fsdp',)"`;
+  `=None` or `="()"` stops splitting that axis.
+  """
+  if preset not in sharding.MESH_PRESETS:
+    raise ValueError(
+        f'unknown mesh preset {preset!r}; choose from {sorted(sharding.MESH_PRESETS)}')
+  shape, rules = sharding.MESH_PRESETS[preset]
+  return ml_collections.ConfigDict(dict(
+      shape=dict(shape),  # axis -> size, -1 = the remaining devices; a missing axis is 1
+      rules=dict(rules),  # logical axis -> mesh axes
+      # Multi-slice: axis -> number of TPU slices (or GPU hosts) it spans; the slices are
+      # linked by the slower data-center network, so usually `data` only. {} = one slice.
+      # Set it whole: --config.mesh.dcn_shape="{'data': 2}".
+      dcn_shape={},
+  ))
+
+
+def common(seed: int = 0, mesh_preset: str = 'data') -> ml_collections.ConfigDict:
   """Sections every training stage shares: mesh, checkpoints, early stopping."""
   config = ml_collections.ConfigDict()
   config.seed = seed
-
-  # One device today; the sharding issue widens the mesh. -1 means "all remaining devices".
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.shape = {'data': -1, 'fsdp': 1, 'tensor': 1}
-  config.mesh.rules = {
-      'batch': ('data', 'fsdp'), 'length': None, 'embed': None, 'mlp': None,
-      'heads': None, 'kv_heads': None, 'kv': None, 'vocab': None,
-  }
+  config.mesh = mesh(mesh_preset)
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 100
