@@ -35,16 +35,20 @@ _LOGITS_AXES = ('batch', 'length', 'vocab')
 _TOKEN_AXES = ('batch', 'length')
 
 
-def _mesh_axes(mesh: Mesh, rules: sharding.Rules, logical: str) -> tuple[str, ...]:
-  """The mesh axes a logical axis is split over, as a tuple (empty when replicated)."""
-  mapped = rules.get(logical)
-  axes = () if mapped is None else (mapped,) if isinstance(mapped, str) else tuple(mapped)
-  unknown = [a for a in axes if a not in mesh.shape]
-  if unknown:
-    raise ValueError(
-        f'sharding rules map {logical!r} to mesh axes {unknown} that the mesh lacks; '
-        f'mesh axes: {tuple(mesh.shape)}')
-  return axes
+def _axes_of(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry, as a tuple (empty when replicated)."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _placement(rules: sharding.Rules) -> tuple[PartitionSpec, tuple[str, ...], tuple[str, ...]]:
+  """(logits spec, vocab mesh axes, token mesh axes) as the rules place the logits.
+
+  Read from the PartitionSpec rather than the rules table, so a mesh axis taken by the batch
+  is not counted again for the vocabulary (the rules are first come, first served).
+  """
+  spec = sharding.logical_to_spec(_LOGITS_AXES, rules)
+  batch, length, vocab = (_axes_of(e) for e in tuple(spec) + (None,) * (3 - len(spec)))
+  return spec, vocab, batch + length
 
 
 def _split_size(mesh: Mesh, axes: tuple[str, ...]) -> int:
@@ -53,7 +57,8 @@ def _split_size(mesh: Mesh, axes: tuple[str, ...]) -> int:
 
 def vocab_is_split(mesh: Mesh, rules: sharding.Rules) -> bool:
   """Whether the rules split the vocabulary over more than one device of `mesh`."""
-  return _split_size(mesh, _mesh_axes(mesh, rules, 'vocab')) > 1
+  sharding.check_rules(mesh, rules)
+  return _split_size(mesh, _placement(rules)[1]) > 1
 
 
 def cross_entropy_sum(
@@ -74,9 +79,8 @@ def cross_entropy_sum(
     raise ValueError(
         f'expected logits [B, T, V] and targets, weights [B, T]; got {logits.shape}, '
         f'{targets.shape}, {weights.shape}')
-  vocab_axes = _mesh_axes(mesh, rules, 'vocab')
-  # Every mesh axis that splits a token position: the loss sum is reduced over all of them.
-  token_axes = _mesh_axes(mesh, rules, 'batch') + _mesh_axes(mesh, rules, 'length')
+  # token_axes: every mesh axis that splits token positions; the loss sum is reduced over them.
+  logits_spec, vocab_axes, token_axes = _placement(rules)
   vocab_size = logits.shape[-1]
   n = _split_size(mesh, vocab_axes)
   if vocab_size % n:
@@ -84,7 +88,6 @@ def cross_entropy_sum(
     raise ValueError(
         f'vocab size {vocab_size} is not divisible by the {n} devices of mesh axes '
         f'{vocab_axes} that rules["vocab"] splits it over; round config.model.vocab_size up')
-  logits_spec = sharding.logical_to_spec(_LOGITS_AXES, rules)
   token_spec = sharding.logical_to_spec(_TOKEN_AXES, rules)
 
   def local(logits: jax.Array, targets: jax.Array, weights: jax.Array):

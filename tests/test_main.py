@@ -207,7 +207,8 @@ def test_rerunning_a_finished_run_does_nothing(cli_env, tmp_path):
 
 # ---- SIGKILL, then resume ---------------------------------------------------------------------
 
-KILL_RUN = [TINY, '--config.train.num_steps=40', '--config.checkpoint.every_steps=1',
+# On 8 devices with parameters and optimizer state split 4 x 2 (FSDP x tensor parallel).
+KILL_RUN = ['--config=configs/pretrain.py:tiny,mesh=fsdp_tensor', '--config.train.num_steps=40', '--config.checkpoint.every_steps=1',
             '--config.train.eval_every=10', '--config.train.log_every=5']  # dropout stays on
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from llmopt_jax import optim, sharding
+from llmopt_jax import configlib, optim, sharding
 from llmopt_jax.stages import pretrain
 from llmopt_jax.train import loop
 from llmopt_jax.train import state as state_lib
@@ -132,6 +132,7 @@ def test_nan_stops_with_the_step_named_and_keeps_the_last_checkpoint(tfds_dir, t
 
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tfds_dir, tmp_path):
   config = tiny_config(tfds_dir, num_steps=8, eval_every=4, log_every=2)
+  config.mesh = configlib.mesh('fsdp_tensor')  # sharded state on 8 devices
   config.checkpoint.every_steps = 1
   config.model.dropout_rate = 0.1  # the dropout key must be restored too
   run(config, tmp_path / 'straight')

@@ -21,6 +21,7 @@ from flax import nnx
 
 from llmopt_jax import metrics as metrics_lib
 from llmopt_jax import distributed, optim, sharding
+from llmopt_jax.train import memory
 from llmopt_jax.train import state as state_lib
 from llmopt_jax.train import step as step_lib
 from llmopt_jax.train.checkpoint import Checkpoints
@@ -55,8 +56,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
   num_steps = config.train.num_steps
 
   # ---- Mesh ---------------------------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh.shape)
-  rules = config.mesh.rules.to_dict()
+  mesh, rules = sharding.from_config(config.mesh)
+  sharding.check_batch(config.train.batch_size, mesh, rules, config.train.num_micro_batches)
 
   # ---- Model, optimizer, and where the state lives ------------------------------------------
   tx = optim.make_optimizer(config.optim, num_steps)
@@ -93,6 +94,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
       num_micro_batches=config.train.num_micro_batches)
   eval_step = step_lib.make_eval_step(graphdef, task.eval_fn)
   train_step, eval_step = step_lib.jit_steps(train_step, eval_step, shardings, mesh, rules)
+  compiled_step = None  # compiled ahead of time at the first batch, for the memory report
 
   def evaluate(params) -> dict[str, float]:
     sums = metrics_lib.total(
@@ -113,7 +115,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
   try:
     for step in range(start + 1, num_steps + 1):
       batch = sharding.shard_batch(next(task.train_data), mesh, rules)
-      state, step_metrics = train_step(state, batch)
+      if compiled_step is None:
+        compiled_step = train_step.lower(state, batch).compile()
+        log.info(f'Mesh {dict(mesh.shape)}, memory per device:\n'
+                 + memory.report(abstract, compiled_step))
+      state, step_metrics = compiled_step(state, batch)
       # Keep at most one step queued behind the running one: the device never idles, and
       # host memory for queued batches stays bounded (deep queues of collectives have also
       # been seen to hang XLA's CPU runtime on simulated multi-device meshes).
