@@ -45,6 +45,8 @@ class Task:
   eval_fn: step_lib.EvalFn
   train_data: ResumableIterator
   eval_data: Callable[[], Iterable[dict[str, np.ndarray]]]
+  # Input tokens in a (global) batch, for the tokens/s figure.
+  count_tokens: Callable[[dict[str, jax.Array]], int] = lambda batch: batch['inputs'].size
 
 
 class NonFiniteError(RuntimeError):
@@ -125,7 +127,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
       # been seen to hang XLA's CPU runtime on simulated multi-device meshes).
       window.wait_for_previous()
       window.add(step, step_metrics)
-      timer.count(batch['inputs'].size)
+      timer.count(task.count_tokens(batch))
 
       last = step == num_steps
       if step % config.train.log_every == 0 or last:
