@@ -63,3 +63,20 @@ def lm_loss(
 def lm_eval(model: nnx.Module, batch: dict[str, jax.Array]) -> MetricSums:
   """Deterministic (no dropout) metric sums for evaluation."""
   return lm_metrics(model(batch['inputs']), batch)
+
+
+def classification_loss(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array, label_smoothing: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+  """Sum over examples of weighted cross-entropy against smoothed targets, and the weight.
+
+  logits: [B, C]; labels: [B] int; weights: [B] (0 for padding rows). With smoothing e the
+  target puts 1 - e on the label and e / C on every class (Szegedy et al., 2016), so
+  loss = (1 - e) * (-log p_label) + e * mean_c(-log p_c). Float32 whatever the logits' dtype.
+  """
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)         # [B, C]
+  nll = -jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]       # [B]
+  loss = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_p, axis=-1)
+  # `where`, not just the product: a padding row's NaN would survive 0 * NaN in the sum.
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(jnp.where(weights > 0, loss * weights, 0.0)), jnp.sum(weights)

@@ -1,0 +1,179 @@
+"""Classification batches: sharded, deterministic, exactly resumable, tokenizer-agnostic.
+
+Texts become ids through an injected `encode(texts) -> (ids, mask, token_types)`, each
+[n, T], so the same pipeline feeds a BERT WordPiece encoder, a Llama BPE decoder, or raw
+bytes (`byte_encoder`, for tiny runs and tests). Every example is its own padded row: no
+packing, since a classifier reads one query at a time.
+
+Training walks, epoch after epoch, an order of the examples drawn from (seed, epoch), of
+which data shard s of n takes every n-th, so shards are disjoint and together cover the
+epoch; `lm_pipeline.ShardedBatches` stacks the shards one process reads, as for LM training.
+The order is a permutation, or with `balanced=True` a class-balanced draw (each position
+picks a class uniformly, then that class's next example), so a rare intent is seen as often
+as a common one. A shard's position is two integers, (epoch, position), which is all a
+checkpoint needs to resume with the very batches an uninterrupted run would produce.
+
+Batch (b = rows of this shard, T = seq_len):
+  tokens       int32[b, T]
+  padding_mask bool[b, T]    True at real tokens
+  token_types  int32[b, T]   segment ids (BERT); zeros for single texts
+  labels       int32[b]
+  weights      float32[b]    0 for the padding rows of eval batches
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from llmopt_jax.data.labelled import Split
+from llmopt_jax.data.tokenizers import ByteTokenizer
+
+Batch = dict[str, np.ndarray]
+Encode = Callable[[list[str]], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def byte_encoder(seq_len: int) -> Encode:
+  """UTF-8 bytes behind a leading eos id (a [CLS] stand-in for first-token pooling), cut or
+  padded with `ByteTokenizer.pad_id` to `seq_len`. Needs no files; for tiny runs and tests."""
+  tok = ByteTokenizer()
+
+  def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ids = np.full((len(texts), seq_len), tok.pad_id, np.int32)
+    for row, text in enumerate(texts):
+      seq = np.concatenate([[tok.eos_id], tok.encode(text)])[:seq_len]
+      ids[row, :len(seq)] = seq
+    return ids, ids != tok.pad_id, np.zeros_like(ids)
+  return encode
+
+
+def _batch(encode: Encode, texts: list[str], labels: np.ndarray, weights: np.ndarray) -> Batch:
+  ids, mask, types = encode(texts)
+  if not ids.shape == mask.shape == types.shape or ids.shape[0] != len(texts):
+    raise ValueError(f'encode returned ids {ids.shape}, mask {mask.shape}, token_types '
+                     f'{types.shape} for {len(texts)} texts; all must be [n, T]')
+  return {'tokens': np.asarray(ids, np.int32), 'padding_mask': np.asarray(mask, bool),
+          'token_types': np.asarray(types, np.int32), 'labels': np.asarray(labels, np.int32),
+          'weights': np.asarray(weights, np.float32)}
+
+
+def epoch_order(labels: np.ndarray, seed: int, epoch: int, balanced: bool = False) -> np.ndarray:
+  """Example indices of one epoch (as many as examples), drawn from (seed, epoch) alone.
+
+  Balanced: the class of each position is uniform over the classes present, and a class's
+  examples are used in a fresh permutation of them, cycling when the class is drawn more
+  often than it has examples (oversampling rare classes, undersampling common ones).
+  """
+  rng = np.random.default_rng([seed, epoch])
+  if not balanced:
+    return rng.permutation(len(labels))
+  classes = np.unique(labels)
+  drawn = rng.integers(len(classes), size=len(labels))  # class (as an index into `classes`)
+  order = np.empty(len(labels), np.int64)
+  for k, c in enumerate(classes):
+    slots = np.flatnonzero(drawn == k)
+    members = rng.permutation(np.flatnonzero(labels == c))
+    order[slots] = members[np.arange(len(slots)) % len(members)]
+  return order
+
+
+class ClassificationBatches:
+  """Iterator of training batches of one data shard (see the module docstring for keys)."""
+
+  def __init__(self, split: Split, encode: Encode, *, batch_size: int, seed: int,
+               shard_index: int = 0, shard_count: int = 1, balanced: bool = False,
+               state: dict[str, int] | None = None):
+    if batch_size < 1:
+      raise ValueError(f'batch_size={batch_size} must be positive')
+    if not 0 <= shard_index < shard_count:
+      raise ValueError(f'shard_index={shard_index} is not in [0, {shard_count})')
+    if len(split) < shard_count:
+      raise ValueError(f'{len(split)} examples cannot be split into {shard_count} shards')
+    self._split, self._encode = split, encode
+    self._batch_size, self._seed, self._balanced = batch_size, seed, balanced
+    self._shard_index, self._shard_count = shard_index, shard_count
+    self._orders: dict[int, np.ndarray] = {}
+    self.set_state(state or {'epoch': 0, 'position': 0})
+
+  def __iter__(self) -> ClassificationBatches:
+    return self
+
+  def __next__(self) -> Batch:
+    chunks, needed = [], self._batch_size
+    while needed:
+      order = self._order(self._epoch)
+      chunks.append(order[self._position:self._position + needed])
+      needed -= len(chunks[-1])
+      self._position += len(chunks[-1])
+      if self._position == len(order):  # An epoch may end inside a batch; go on to the next.
+        self._epoch, self._position = self._epoch + 1, 0
+    picked = np.concatenate(chunks)
+    return _batch(self._encode, [self._split.texts[i] for i in picked],
+                  self._split.labels[picked], np.ones(len(picked), np.float32))
+
+  def get_state(self) -> dict[str, int]:
+    """Where the next row starts: JSON-ready ints."""
+    return {'epoch': self._epoch, 'position': self._position,
+            'shard_index': self._shard_index, 'shard_count': self._shard_count}
+
+  def set_state(self, state: dict[str, int]) -> None:
+    if missing := {'epoch', 'position'} - set(state):
+      raise ValueError(f'data state {state} lacks {sorted(missing)}')
+    epoch, position = int(state['epoch']), int(state['position'])
+    shard = (state.get('shard_index', self._shard_index),
+             state.get('shard_count', self._shard_count))
+    if shard != (self._shard_index, self._shard_count):
+      raise ValueError(f'data state of shard {shard[0]} of {shard[1]} cannot resume shard '
+                       f'{self._shard_index} of {self._shard_count}')
+    if epoch < 0 or not 0 <= position < len(self._order(epoch)):
+      raise ValueError(f'data state {state} points outside epoch {epoch} of this shard')
+    self._epoch, self._position = epoch, position
+
+  def _order(self, epoch: int) -> np.ndarray:
+    """This shard's example indices for `epoch`, in the order it reads them."""
+    if epoch not in self._orders:
+      order = epoch_order(self._split.labels, self._seed, epoch, self._balanced)
+      self._orders = {epoch: order[self._shard_index::self._shard_count]}  # Keep one epoch.
+    return self._orders[epoch]
+
+
+def num_eval_batches(num_examples: int, batch_size: int, shard_count: int,
+                     max_batches: int | None = None) -> int:
+  """Eval batches of every shard: enough for the largest, so all processes step together.
+
+  Known on every process from the split's size alone, so no collective is needed to agree.
+  """
+  largest = -(-num_examples // shard_count)
+  count = max(-(-largest // batch_size), 1)
+  return min(count, max_batches) if max_batches else count
+
+
+def eval_batches(split: Split, encode: Encode, *, batch_size: int, shard_index: int = 0,
+                 shard_count: int = 1, max_batches: int | None = None) -> list[Batch]:
+  """Examples shard_index, shard_index + shard_count, ... of `split` in order, in batches.
+
+  Every shard gets `num_eval_batches(...)` batches of exactly `batch_size` rows; rows past the
+  shard's examples are weight-0 copies of a real example (not empty rows, which a model that
+  masks padding could turn into NaN logits, and NaN * 0 is NaN in a sum). Summing weights
+  over all shards and batches counts each example once (with `max_batches`, a prefix).
+  """
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'shard_index={shard_index} is not in [0, {shard_count})')
+  if not len(split):
+    raise ValueError('cannot evaluate on an empty split')
+  mine = np.arange(shard_index, len(split), shard_count)
+  count = num_eval_batches(len(split), batch_size, shard_count, max_batches)
+  rows = np.full(count * batch_size, mine[0] if len(mine) else 0)
+  used = min(len(mine), len(rows))
+  rows[:used] = mine[:used]
+  weights = (np.arange(len(rows)) < used).astype(np.float32)
+  return [_batch(encode, [split.texts[i] for i in rows[s:s + batch_size]],
+                 split.labels[rows[s:s + batch_size]], weights[s:s + batch_size])
+          for s in range(0, len(rows), batch_size)]
+
+
+def label_counts(split: Split, num_classes: int) -> np.ndarray:
+  """int64[C]: examples per class, e.g. for the majority-class baseline of a report."""
+  return np.bincount(split.labels, minlength=num_classes)
+
