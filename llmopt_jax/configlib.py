@@ -103,4 +103,11 @@ def optimizer(lr: float, warmup_steps: int) -> ml_collections.ConfigDict:
       weight_decay=0.1,
       decay_embeddings=False,  # embeddings are lookups; decaying rare rows starves them
       clip_norm=1.0,           # global-norm clipping; 0 turns it off
+      # Regexes matched in full against '/'-joined parameter paths ('blocks/0/attn/q',
+      # 'embedding'); matches get no update and no Adam moments. Set it whole on the command
+      # line: --config.optim.freeze="('embedding', 'blocks/[01]/.*')".
+      freeze=(),
+      # Layer-wise lr decay for fine-tuning (ELECTRA, BEiT): block i of L learns at
+      # lr * layer_decay^(L - i), embeddings at layer_decay^(L + 1), heads at lr. 1.0 = off.
+      layer_decay=1.0,
   ))

@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -59,3 +60,21 @@ def max_over_processes(value: int) -> int:
   if jax.process_count() == 1:
     return value
   return int(np.max(multihost_utils.process_allgather(np.int64(value))))
+
+
+def data_shards(config: ml_collections.ConfigDict) -> list[tuple[int, int, int]]:
+  """(shard index, rows per batch, shard count) of the data shards this process reads.
+
+  The number of shards is a config field, not the number of processes, so the global batch
+  (and with it the whole run) is the same on one process or on many.
+  """
+  processes, me = jax.process_count(), jax.process_index()
+  count = config.data.num_shards or processes
+  if count % processes:
+    raise ValueError(f'config.data.num_shards={count} must be a multiple of the '
+                     f'{processes} processes')
+  if config.train.batch_size % count:
+    raise ValueError(f'config.train.batch_size={config.train.batch_size} must be a multiple '
+                     f'of the {count} data shards (config.data.num_shards)')
+  rows, per_process = config.train.batch_size // count, count // processes
+  return [(shard, rows, count) for shard in range(me * per_process, (me + 1) * per_process)]

@@ -1,10 +1,27 @@
 """The optimizer: one Optax chain built from `config.optim`.
 
-    clip_by_global_norm -> AdamW(schedule, weight-decay mask)
+    partition(train: clip_by_global_norm -> AdamW(schedule, weight-decay mask),
+              frozen: set_to_zero)  ->  layer-wise learning-rate decay
 
 AdamW is Loshchilov & Hutter (2019). Weight decay is applied only to matrices: decaying RMSNorm
 scales and biases pulls them towards zero for no regularisation benefit, and whether the token
 embedding is decayed is a research choice (`decay_embeddings`).
+
+Freezing (`config.optim.freeze`, regex patterns on '/'-joined parameter paths such as
+`blocks/0/attn/q`, matched in full): frozen parameters go to an `optax.set_to_zero` branch of
+`optax.multi_transform`, so they get no update, no clipping share and, because the AdamW branch
+only sees the trainable leaves, no moment estimates: fine-tuning half a model pays optimizer
+memory for that half only. Callers can freeze by a predicate too (`frozen=`, e.g. LoRA's "the
+whole base tree except the head"). Without anything frozen the plain chain is returned, so the
+optimizer state of an ordinary run keeps its structure.
+
+Layer-wise learning-rate decay (`config.optim.layer_decay`; Clark et al. 2020, ELECTRA; Bao et
+al. 2022, BEiT): when fine-tuning, lower layers hold more general features and should move
+less. With L blocks, block i (0-based, `.../blocks/<i>/...`) learns at lr * decay^(L - i), the
+embeddings below the first block at lr * decay^(L + 1), and everything above the last block
+(final norm, LM or classifier head) at lr. It scales the finished AdamW update (weight decay
+included, as a per-parameter lr would), outside the partition so that L counts every block,
+frozen ones too.
 
 Gradient accumulation lives here too (`accumulate_gradients`): the train step runs the
 micro-batches in a `lax.scan` and sums gradients of *loss sums*, dividing once by the total
@@ -16,7 +33,8 @@ buffer in the checkpoint.)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import einops
@@ -31,6 +49,9 @@ SCHEDULES = ('cosine', 'linear', 'constant')
 # Parameter names (the last path entry) that are never decayed: norm scales and biases.
 _NO_DECAY_NAMES = frozenset({'scale', 'bias'})
 _EMBEDDING_NAMES = frozenset({'embedding'})
+
+# Where layer-wise decay reads a block index: `blocks/3/...`, `layers/3/...`, `layer/3/...`.
+_BLOCK_INDEX = re.compile(r'(?:^|/)(?:blocks|layers|layer)/(\d+)(?:/|$)')
 
 
 def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -68,9 +89,107 @@ def _leaf_name(path) -> str:
   return str(getattr(last, 'key', getattr(last, 'name', last)))
 
 
+def _key_name(key) -> str:
+  return str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
+
+
+def param_path(path: Sequence[Any]) -> str:
+  """A pytree key path (or an NNX path tuple) as 'blocks/0/attn/q'."""
+  return '/'.join(_key_name(k) for k in path)
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _map_paths(fn: Callable[[str, Any], Any], tree: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: fn(param_path(path), leaf), tree, is_leaf=_is_variable)
+
+
+def _compile_patterns(patterns: str | Sequence[str], field: str) -> list[re.Pattern]:
+  patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+  compiled = []
+  for pattern in patterns:
+    try:
+      compiled.append(re.compile(pattern))
+    except re.error as e:
+      raise ValueError(f'{field}: bad regular expression {pattern!r}: {e}') from None
+  return compiled
+
+
+def trainable_mask(params: Any, freeze: str | Sequence[str] = (),
+                   frozen: Callable[[str], bool] | None = None) -> Any:
+  """True for parameters the optimizer updates: those whose path matches no `freeze` pattern
+  (in full) and for which `frozen(path)` is false. A pattern that matches nothing fails: a
+  typo would otherwise silently train what was meant to be frozen."""
+  compiled = _compile_patterns(freeze, 'config.optim.freeze')
+  paths = jax.tree.leaves(_map_paths(lambda path, _: path, params))
+  for pattern in compiled:
+    if not any(pattern.fullmatch(path) for path in paths):
+      raise ValueError(f'config.optim.freeze pattern {pattern.pattern!r} matches no parameter; '
+                       f'paths look like {paths[:3]}')
+
+  def trains(path: str, _) -> bool:
+    return not (any(p.fullmatch(path) for p in compiled) or
+                (frozen is not None and frozen(path)))
+  mask = _map_paths(trains, params)
+  if not any(jax.tree.leaves(mask)):
+    raise ValueError('every parameter is frozen (config.optim.freeze and the PEFT method '
+                     'leave nothing to train)')
+  return mask
+
+
+def layer_lr_scale(path: str, num_blocks: int, decay: float) -> float:
+  """The factor on the learning rate of the parameter at `path` under layer-wise decay.
+
+  A block is found by `blocks/<i>/` (or `layers/<i>/`, `layer/<i>/`) anywhere in the path, so
+  LoRA's `base/...` and `lora/...` copies of a block decay alike. Outside the blocks a path
+  containing 'embed' (token, position and token-type tables, BERT's embedding norm) sits below
+  block 0; anything else (final norm, LM or classifier head, pooler) above the last block. A
+  tied embedding, which is also the output layer, counts as an embedding.
+  """
+  block = _BLOCK_INDEX.search(path)
+  if block:
+    return decay ** (num_blocks - int(block.group(1)))
+  if 'embed' in path.lower():  # embeddings sit below block 0 (embedding norms too)
+    return decay ** (num_blocks + 1)
+  return 1.0  # final norm, heads, pooler: above the last block
+
+
+def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
+  """Multiplies each update by `layer_lr_scale`; the number of blocks is read from the paths."""
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    indices = [int(m.group(1)) for path in jax.tree.leaves(_map_paths(lambda p, _: p, updates))
+               if (m := _BLOCK_INDEX.search(path))]
+    if not indices:
+      raise ValueError(f'config.optim.layer_decay={decay} needs parameters under '
+                       f'blocks/<i>/ (or layers/<i>/); found none')
+    num_blocks = max(indices) + 1
+
+    def scale(path: str, update):
+      factor = layer_lr_scale(path, num_blocks, decay)
+      return jax.tree.map(lambda u: u * jnp.asarray(factor, u.dtype), update)
+    return _map_paths(scale, updates), state
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(
-    optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """The full update rule: optional global-norm clipping, then AdamW on a schedule."""
+    optim: ml_collections.ConfigDict, total_steps: int, *,
+    frozen: Callable[[str], bool] | None = None) -> optax.GradientTransformation:
+  """The full update rule: clipping and AdamW on a schedule for the trainable parameters,
+  nothing for the frozen ones (`config.optim.freeze` patterns, or `frozen(path)` true), then
+  layer-wise learning-rate decay when `config.optim.layer_decay` is not 1."""
+  layer_decay = optim.get('layer_decay', 1.0)
+  if not 0.0 < layer_decay <= 1.0:
+    raise ValueError(f'config.optim.layer_decay={layer_decay} must lie in (0, 1]; 1 is off')
+  freeze = optim.get('freeze', ())
+  _compile_patterns(freeze, 'config.optim.freeze')  # a bad pattern fails here, not at init
   schedule = make_schedule(optim, total_steps)
   adamw = optax.adamw(
       schedule,
@@ -80,9 +199,15 @@ def make_optimizer(
       weight_decay=optim.weight_decay,
       mask=lambda p: decay_mask(p, decay_embeddings=optim.decay_embeddings),
   )
-  if optim.clip_norm <= 0:
-    return adamw
-  return optax.chain(optax.clip_by_global_norm(optim.clip_norm), adamw)
+  tx = adamw if optim.clip_norm <= 0 else optax.chain(
+      optax.clip_by_global_norm(optim.clip_norm), adamw)
+  if freeze or frozen is not None:
+    labels = lambda params: jax.tree.map(
+        lambda trains: 'train' if trains else 'frozen', trainable_mask(params, freeze, frozen))
+    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
+  if layer_decay != 1.0:
+    tx = optax.chain(tx, scale_by_layer_decay(layer_decay))
+  return tx
 
 
 # (loss_sum, (weight, metric_sums)), grads

@@ -1,4 +1,5 @@
-"""Properties of the decoder: shapes, masking, GQA, RoPE, parameter counts, dropout, sharding."""
+"""Properties of the model families: shapes, masking, GQA, RoPE, parameter counts, dropout,
+sharding, padding, pooling and the classification head. (Parity with Hugging Face: test_hf.)"""
 
 import dataclasses
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llmopt_jax import sharding
+from llmopt_jax import optim, sharding
+from llmopt_jax.models import heads
 from llmopt_jax.models import layers
 from llmopt_jax.models import stats
 from llmopt_jax.models.config import PRESETS, TransformerConfig, get_preset
@@ -16,6 +18,13 @@ from llmopt_jax.models.transformer import Transformer
 
 TINY = get_preset('tiny')
 B, T = 2, 12
+_MHA = dict(num_kv_heads=4, mlp_dim=256, max_positions=32)
+FAMILIES = {
+    'llama': TINY,
+    'qwen2': TINY.replace(attention_bias=True, tie_embeddings=False),
+    'gpt2': TINY.replace(family='gpt2', **_MHA),
+    'bert': TINY.replace(family='bert', type_vocab_size=2, lm_head=False, **_MHA),
+}
 
 
 def _tokens(seed: int = 0, vocab: int = TINY.vocab_size) -> jax.Array:
@@ -114,8 +123,9 @@ def test_rope_scores_depend_only_on_relative_position():
 
 
 @pytest.mark.parametrize('config', [
-    TINY, TINY.replace(tie_embeddings=False), *PRESETS.values()],
-    ids=['tiny', 'tiny_untied', *PRESETS])
+    TINY, TINY.replace(tie_embeddings=False), TINY.replace(tie_embeddings=False, lm_head=False),
+    *FAMILIES.values(), FAMILIES['gpt2'].replace(tie_embeddings=False), *PRESETS.values()],
+    ids=['tiny', 'tiny_untied', 'tiny_no_head', *FAMILIES, 'gpt2_untied', *PRESETS])
 def test_count_params_matches_model(config):
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   assert stats.count_params(config) == sum(p.size for p in _params(abstract))
@@ -197,6 +207,13 @@ def test_born_sharded_forward_matches_single_device():
     (dict(head_dim=15), 'head_dim'),
     (dict(dtype='float8'), 'dtype'),
     (dict(dropout_rate=1.0), 'dropout_rate'),
+    (dict(family='t5'), 'family'),
+    (dict(family='gpt2'), 'max_positions'),
+    (dict(max_positions=16), 'max_positions'),
+    (dict(type_vocab_size=2), 'type_vocab_size'),
+    (dict(family='gpt2', max_positions=16, attention_bias=True), 'attention_bias'),
+    (dict(family='bert', max_positions=16, sliding_window=4), 'sliding_window'),
+    (dict(sliding_window=-1), 'sliding_window'),
 ])
 def test_bad_config_names_the_field(changes, field):
   with pytest.raises(ValueError, match=field) as error:
@@ -211,3 +228,102 @@ def test_unknown_preset_and_unknown_key_are_named():
     TransformerConfig.from_dict({**dataclasses.asdict(TINY), 'num_layer': 3})
   assert TransformerConfig.from_dict(dataclasses.asdict(PRESETS['small'])) == PRESETS['small']
   assert get_preset('small', vocab_size=65).vocab_size == 65
+
+
+def _all_params(model: nnx.Module):
+  return jax.tree_util.tree_flatten_with_path(
+      nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_every_family_names_axes_and_no_decay_params_the_same_way(family):
+  # The trainer's weight-decay mask goes by the last name in a path: exactly the matmul
+  # weights must be decayed, never a bias, a norm gain or an embedding table.
+  model = nnx.eval_shape(lambda: heads.SequenceClassifier(
+      FAMILIES[family], 3, pooling='cls', rngs=nnx.Rngs(0)))
+  decays = dict(jax.tree_util.tree_flatten_with_path(optim.decay_mask(
+      nnx.state(model, nnx.Param), decay_embeddings=False))[0])
+  for path, p in _all_params(model):
+    axes = p.get_metadata('out_sharding')
+    assert len(axes) == p.ndim and set(axes) <= {*sharding.LOGICAL_AXES, None}, (path, axes)
+    matrix = path[-1].key in ('q', 'k', 'v', 'o', 'gate', 'up', 'down', 'lm_head', 'kernel')
+    assert decays[path] == matrix, path
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_padding_tokens_do_not_reach_real_positions(family):
+  model = Transformer(FAMILIES[family], rngs=nnx.Rngs(0))
+  mask = jnp.array([[1] * 8 + [0] * 4, [1, 0, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0]])
+  tokens = _tokens()
+  changed = jnp.where(mask > 0, tokens, (tokens + 7) % TINY.vocab_size)
+  before = model.encode(tokens, padding_mask=mask)
+  after = model.encode(changed, padding_mask=mask)
+  np.testing.assert_allclose(before[mask > 0], after[mask > 0], atol=1e-6)
+  # Without the mask real positions do read the padding (the second row pads in between).
+  assert bool(jnp.any(model.encode(tokens)[mask > 0] != model.encode(changed)[mask > 0]))
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_only_bert_sees_later_tokens(family):
+  model = Transformer(FAMILIES[family], rngs=nnx.Rngs(0))
+  tokens = _tokens()
+  changed = tokens.at[:, -1].set((tokens[:, -1] + 1) % TINY.vocab_size)
+  moved = bool(jnp.any(model.encode(tokens)[:, 0] != model.encode(changed)[:, 0]))
+  assert moved == (family == 'bert')
+
+
+def test_sliding_window_limits_the_keys_a_query_sees():
+  model = Transformer(TINY.replace(num_layers=1, sliding_window=3), rngs=nnx.Rngs(0))
+  tokens = _tokens()
+  changed = tokens.at[:, 4].set((tokens[:, 4] + 1) % TINY.vocab_size)
+  differs = jnp.any(model(tokens) != model(changed), axis=(0, 2))
+  np.testing.assert_array_equal(differs, (jnp.arange(T) >= 4) & (jnp.arange(T) < 4 + 3))
+
+
+def test_bert_token_types_and_the_position_table_limit():
+  model = Transformer(FAMILIES['bert'], rngs=nnx.Rngs(0))
+  tokens = _tokens()
+  types = jnp.zeros_like(tokens).at[:, 6:].set(1)
+  assert bool(jnp.any(model.encode(tokens) != model.encode(tokens, token_types=types)))
+  np.testing.assert_array_equal(
+      model.encode(tokens), model.encode(tokens, token_types=jnp.zeros_like(tokens)))
+  with pytest.raises(ValueError, match='max_positions'):
+    model.encode(jnp.zeros((1, 33), jnp.int32))
+  with pytest.raises(ValueError, match='lm_head'):
+    model(tokens)
+  with pytest.raises(ValueError, match='type_vocab_size'):
+    Transformer(TINY, rngs=nnx.Rngs(0)).encode(tokens, token_types=types)
+
+
+def test_pooling_by_hand():
+  hidden = jnp.arange(2 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 1)  # [[0,1,2,3],[4,5,6,7]]
+  mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0]])
+  np.testing.assert_array_equal(heads.pool(hidden, mask, 'cls')[:, 0], [0, 4])
+  np.testing.assert_array_equal(heads.pool(hidden, mask, 'mean')[:, 0], [1, 4])
+  np.testing.assert_array_equal(heads.pool(hidden, mask, 'last')[:, 0], [2, 4])
+  np.testing.assert_array_equal(heads.pool(hidden, None, 'last')[:, 0], [3, 7])
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+@pytest.mark.parametrize('pooling', heads.POOLINGS)
+def test_sequence_classifier_carries_no_lm_head(family, pooling):
+  config = FAMILIES[family].replace(tie_embeddings=False)
+  model = heads.SequenceClassifier(config, 5, pooling=pooling, rngs=nnx.Rngs(0))
+  assert model.backbone.lm_head is None and not model.backbone.config.lm_head
+  assert (model.pooler is not None) == (family == 'bert' and pooling == 'cls')
+  # HF's decoder classifiers (`score`) have no bias, BERT's `classifier` has one.
+  assert (model.classifier.bias is not None) == (family == 'bert')
+  mask = jnp.ones((B, T), jnp.int32).at[1, 7:].set(0)
+  logits = model(_tokens(), padding_mask=mask)
+  assert logits.shape == (B, 5) and logits.dtype == jnp.float32
+  count = sum(p.size for _, p in _all_params(model))
+  head = (config.embed_dim + 1) * config.embed_dim if model.pooler is not None else 0
+  head += config.embed_dim * 5 + (5 if family == 'bert' else 0)
+  assert count == stats.count_params(config.replace(lm_head=False)) + head
+
+
+def test_bad_head_names_the_field():
+  with pytest.raises(ValueError, match='pooling'):
+    heads.SequenceClassifier(TINY, 3, pooling='max', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='num_labels'):
+    heads.HeadConfig(0)

@@ -116,3 +116,78 @@ def test_accumulated_gradient_equals_one_big_batch():
     assert float(weight) == float(big_weight) == 5.0
     np.testing.assert_allclose(acc['w'] / weight, big['w'] / big_weight, rtol=1e-5)
     np.testing.assert_allclose(sums['loss'][1], 5.0)
+
+
+def _layered_params():
+  keys = iter(jax.random.split(jax.random.key(0), 6))
+  param = lambda shape: nnx.Param(jax.random.normal(next(keys), shape))
+  return nnx.State({
+      'embedding': param((5, 3)),
+      'blocks': {i: {'mlp': {'up': param((3, 4))}} for i in range(3)},
+      'final_norm': {'scale': param((3,))},
+      'head': {'kernel': param((3, 2))},
+  })
+
+
+@pytest.mark.parametrize('freeze', [(), ('blocks/2/.*',)])
+def test_layer_decay_scales_the_first_adam_step(freeze):
+  """Adam's first step is lr * g / (|g| + eps); layer i of L gets it times decay^(L - i)."""
+  decay = 0.5
+  config = _config(layer_decay=decay, weight_decay=0.0, freeze=freeze)
+  tx = optim.make_optimizer(config, total_steps=10)
+  params = _layered_params()
+  grads = jax.tree.map(lambda p: jnp.sin(3.0 * p) + 0.5, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  num_layers = 3
+  scales = {'embedding': decay ** (num_layers + 1), 'final_norm/scale': 1.0, 'head/kernel': 1.0}
+  scales.update({f'blocks/{i}/mlp/up': decay ** (num_layers - i) for i in range(num_layers)})
+  if freeze:  # a frozen block gets nothing, and still counts towards L for the others
+    scales['blocks/2/mlp/up'] = 0.0
+  flat_g, flat_u = nnx.to_flat_state(grads), nnx.to_flat_state(updates)
+  for (path, g), (_, u) in zip(flat_g, flat_u):
+    g = g.get_value()
+    expected = -config.lr * scales[optim.param_path(path)] * g / (jnp.abs(g) + config.eps)
+    np.testing.assert_allclose(u.get_value(), expected, rtol=1e-6, atol=1e-9)
+  # The same as a ratio: the step size per unit of Adam direction, block 0 over block 1.
+  def step_size(i):
+    g = np.abs(grads['blocks'][i]['mlp']['up'].get_value())
+    return np.abs(updates['blocks'][i]['mlp']['up'].get_value()) * (g + config.eps) / g
+  np.testing.assert_allclose(step_size(0) / step_size(1), decay, rtol=1e-5)
+
+
+def test_layer_lr_scale_by_path():
+  scale = lambda path: optim.layer_lr_scale(path, num_blocks=4, decay=0.5)
+  assert scale('blocks/3/attn/q') == 0.5 and scale('base/blocks/0/mlp/up') == 0.5 ** 4
+  assert scale('lora/blocks/1/attn/o/lora_a') == 0.5 ** 3
+  assert scale('embedding') == scale('base/pos_embedding') == 0.5 ** 5
+  assert scale('final_norm/scale') == scale('classifier/kernel') == 1.0
+
+
+def test_frozen_parameters_have_no_moments():
+  config = _config(freeze=('embed/.*',))
+  tx = optim.make_optimizer(config, total_steps=10)
+  params = _params()
+  state = tx.init(params)
+  moments = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim > 0)
+  trainable = sum(p.get_value().nbytes for k, p in nnx.to_flat_state(params) if k[0] != 'embed')
+  assert moments == 2 * trainable
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, state, params)
+  assert not updates['embed']['embedding'].get_value().any()
+  assert updates['dense']['kernel'].get_value().all()
+
+
+def test_freeze_and_layer_decay_errors_name_the_field():
+  params = _params()
+  with pytest.raises(ValueError, match=r"config.optim.freeze pattern 'dense/bias'"):
+    optim.make_optimizer(_config(freeze=('dense/bias',)), 10).init(params)
+  with pytest.raises(ValueError, match='config.optim.freeze: bad regular expression'):
+    optim.make_optimizer(_config(freeze=('dense/(',)), 10)
+  with pytest.raises(ValueError, match='every parameter is frozen'):
+    optim.make_optimizer(_config(freeze=('.*',)), 10).init(params)
+  for bad in (0.0, 1.5):
+    with pytest.raises(ValueError, match='config.optim.layer_decay'):
+      optim.make_optimizer(_config(layer_decay=bad), 10)
+  tx = optim.make_optimizer(_config(layer_decay=0.8), 10)
+  with pytest.raises(ValueError, match='needs parameters under blocks'):
+    tx.update(params, tx.init(params), params)

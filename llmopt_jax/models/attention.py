@@ -1,4 +1,7 @@
-"""Causal grouped-query self-attention with rotary positions and packed-sequence masking.
+"""Grouped-query self-attention: causal or bidirectional, RoPE or not, with optional biases.
+
+One module serves every family: Llama (RoPE, no biases, or q/k/v biases for Qwen2), GPT-2
+and BERT (biases on all four projections, positions added to the embeddings instead).
 
 Axis letters used in the einsums and shape comments:
   B batch   T length (queries)   S length (keys)   D embed
@@ -7,6 +10,7 @@ Axis letters used in the einsums and shape comments:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -14,21 +18,32 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmopt_jax import sharding
+from llmopt_jax.models import families
 from llmopt_jax.models import layers
 from llmopt_jax.models.config import TransformerConfig
 
 
-def attention_mask(length: int, segment_ids: jax.Array | None) -> jax.Array:
-  """Which keys each query may see: earlier-or-same positions of the same segment.
+def attention_mask(length: int, segment_ids: jax.Array | None = None, *, causal: bool = True,
+                   padding_mask: jax.Array | None = None, sliding_window: int = 0) -> jax.Array:
+  """Which keys each query may see, as a boolean mask [B or 1, T, S].
 
-  Returns a boolean mask [B or 1, T, S]. Segment ids let several documents share one row of a
-  packed batch without attending across document boundaries.
+  Causal: earlier-or-same positions only; `sliding_window` w > 0 further limits a query to
+  the last w keys (Mistral: key s is visible from query t when t - w < s <= t). Segment ids let
+  several documents share one row of a packed batch without attending across document
+  boundaries. `padding_mask` [B, S] (1 real, 0 padding) hides padding keys, as the attention
+  masks of Hugging Face models do.
   """
-  causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))[None]  # [1, T, S]
-  if segment_ids is None:
-    return causal
-  same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
-  return causal & same_segment
+  t = jnp.arange(length)
+  mask = jnp.ones((1, length, length), dtype=jnp.bool_)
+  if causal:
+    mask = mask & (t[None, :] <= t[:, None])[None]
+  if sliding_window:
+    mask = mask & (t[None, :] > t[:, None] - sliding_window)[None]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])  # [B, T, S]
+  if padding_mask is not None:
+    mask = mask & padding_mask.astype(jnp.bool_)[:, None, :]
+  return mask
 
 
 class Attention(nnx.Module):
@@ -41,8 +56,9 @@ class Attention(nnx.Module):
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     c = config
+    family = families.get(c.family)
     self.num_kv_heads = c.num_kv_heads
-    self.rope_theta = c.rope_theta
+    self.rope_theta = c.rope_theta if family.positions == 'rope' else None
     self.dtype = jnp.dtype(c.dtype)
     pdtype = jnp.dtype(c.param_dtype)
     init = layers.normal(c.init_std)
@@ -55,16 +71,27 @@ class Attention(nnx.Module):
     self.v = layers.param(rngs, init, (d, k, h), pdtype, ('embed', 'kv_heads', 'kv'))
     self.o = layers.param(rngs, out_init, (n, h, d), pdtype, ('heads', 'kv', 'embed'))
     self.dropout = nnx.Dropout(c.attention_dropout_rate)
+    bias = functools.partial(layers.Bias, param_dtype=pdtype, rngs=rngs)
+    qkv_bias = family.bias or c.attention_bias
+    self.q_bias = bias((n, h), ('heads', 'kv')) if qkv_bias else None
+    self.k_bias = bias((k, h), ('kv_heads', 'kv')) if qkv_bias else None
+    self.v_bias = bias((k, h), ('kv_heads', 'kv')) if qkv_bias else None
+    self.o_bias = bias((d,), ('embed',)) if family.bias else None
 
   def project_qkv(self, x: jax.Array, positions: jax.Array
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Queries [B,T,N,H] and keys, values [B,S,K,H], with RoPE applied to queries and keys."""
+    """Queries [B,T,N,H] and keys, values [B,S,K,H]; RoPE on queries and keys if the family
+    uses it."""
     x = x.astype(self.dtype)
     q = jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(self.dtype))
     k = jnp.einsum('BSD,DKH->BSKH', x, self.k[...].astype(self.dtype))
     v = jnp.einsum('BSD,DKH->BSKH', x, self.v[...].astype(self.dtype))
-    q = layers.apply_rope(q, positions, self.rope_theta)
-    k = layers.apply_rope(k, positions, self.rope_theta)
+    q = layers.maybe_bias(q, self.q_bias)
+    k = layers.maybe_bias(k, self.k_bias)
+    v = layers.maybe_bias(v, self.v_bias)
+    if self.rope_theta is not None:
+      q = layers.apply_rope(q, positions, self.rope_theta)
+      k = layers.apply_rope(k, positions, self.rope_theta)
     q = sharding.constrain(q, ('batch', 'length', 'heads', 'kv'))
     k = sharding.constrain(k, ('batch', 'length', 'kv_heads', 'kv'))
     v = sharding.constrain(v, ('batch', 'length', 'kv_heads', 'kv'))
@@ -75,7 +102,7 @@ class Attention(nnx.Module):
 
     Scores and softmax run in float32: bfloat16 logits of a few hundred keys round enough to
     change which key wins. The mask uses the dtype's most negative finite value, not -inf, so
-    a fully masked row (impossible here: the diagonal is always visible) could not make NaNs.
+    a fully masked row (a padding query under left padding) gets uniform weights, not NaNs.
     """
     b, t, n, h = q.shape
     q = q.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)  # [B, T, K, G, H]
@@ -93,4 +120,5 @@ class Attention(nnx.Module):
     out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(self.dtype), v)
     b, t, k_heads, g, h = out.shape
     out = out.reshape(b, t, k_heads * g, h)  # [B, T, N, H], query head n = k * G + g
-    return jnp.einsum('BTNH,NHD->BTD', out, self.o[...].astype(self.dtype))
+    out = jnp.einsum('BTNH,NHD->BTD', out, self.o[...].astype(self.dtype))
+    return layers.maybe_bias(out, self.o_bias)

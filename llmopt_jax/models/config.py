@@ -1,4 +1,4 @@
-"""The shape and numerics of a Llama-style decoder, and the named presets.
+"""The shape and numerics of a transformer (Llama, GPT-2 or BERT family), and named presets.
 
 A config is a frozen dataclass so it can be hashed, compared and passed to `jax.jit` as a
 static argument, and so an experiment config (ml_collections) can build one from a plain dict
@@ -13,16 +13,19 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
+from llmopt_jax.models import families
+
 # Activation and storage dtypes we support; int types belong to the quantization stage.
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 _POSITIVE_INTS = (
     'vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim')
+_NON_NEGATIVE_INTS = ('max_positions', 'type_vocab_size', 'sliding_window')
 
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-  """Hyperparameters of `Transformer`; the defaults are the `tiny` preset."""
+  """Hyperparameters of `Transformer`; the defaults are the `tiny` preset (a llama)."""
 
   vocab_size: int = 256  # Overridden by the training stage from its tokenizer.
   num_layers: int = 2
@@ -30,7 +33,7 @@ class TransformerConfig:
   num_heads: int = 4  # N, query heads.
   num_kv_heads: int = 2  # K, key/value heads: 1 is MQA, num_heads is MHA, between is GQA.
   head_dim: int = 16  # H; need not equal embed_dim // num_heads (Gemma-style freedom).
-  mlp_dim: int = 192  # F, the SwiGLU hidden width (~8/3 D keeps params equal to a 4D GELU MLP).
+  mlp_dim: int = 192  # F, MLP hidden width: SwiGLU ~8/3 D has the params of a 4D GELU MLP.
   rope_theta: float = 10000.0  # RoPE base; Llama 3 raises it to 500k for long contexts.
   norm_eps: float = 1e-5
   tie_embeddings: bool = True  # Logits through the embedding table (saves V*D params).
@@ -39,19 +42,44 @@ class TransformerConfig:
   dtype: str = 'float32'  # Compute dtype of matmuls and activations ('bfloat16' on TPU/GPU).
   param_dtype: str = 'float32'  # Storage dtype of the parameters.
   init_std: float = 0.02  # Std of the normal init of every matrix (GPT-2).
+  # Block structure: 'llama', 'gpt2' or 'bert' (see families.py for what each one fixes).
+  family: str = 'llama'
+  attention_bias: bool = False  # q/k/v biases on a llama-family model (Qwen2).
+  max_positions: int = 0  # Size of the learned position table (gpt2, bert); RoPE needs none.
+  type_vocab_size: int = 0  # BERT's token-type (segment A/B) embeddings; 0: none.
+  sliding_window: int = 0  # Mistral v0.1: a query sees the last this-many keys; 0: all.
+  lm_head: bool = True  # False: no output layer, a backbone for a head (classification).
 
   def __post_init__(self):
     for name in _POSITIVE_INTS:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f'TransformerConfig.{name} must be a positive int, got {value!r}')
+    for name in _NON_NEGATIVE_INTS:
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f'TransformerConfig.{name} must be an int >= 0, got {value!r}')
+    family = families.get(self.family)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f'TransformerConfig.num_heads ({self.num_heads}) must be divisible by '
           f'num_kv_heads ({self.num_kv_heads}) for grouped-query attention')
-    if self.head_dim % 2:
+    if family.positions == 'rope' and self.head_dim % 2:
       raise ValueError(
           f'TransformerConfig.head_dim must be even for rotary embeddings, got {self.head_dim}')
+    if (family.positions == 'learned') != (self.max_positions > 0):
+      raise ValueError(
+          f'TransformerConfig.max_positions must be > 0 for learned positions (gpt2, bert) and '
+          f'0 for RoPE (llama); family {self.family!r} got {self.max_positions}')
+    if self.type_vocab_size and self.family != 'bert':
+      raise ValueError(f'TransformerConfig.type_vocab_size is for family bert, got '
+                       f'{self.type_vocab_size} with family {self.family!r}')
+    if self.attention_bias and self.family != 'llama':
+      raise ValueError(f'TransformerConfig.attention_bias is for family llama; {self.family} '
+                       f'always has attention biases')
+    if self.sliding_window and not family.causal:
+      raise ValueError(f'TransformerConfig.sliding_window is for causal families, got '
+                       f'{self.sliding_window} with family {self.family!r}')
     for name in ('rope_theta', 'norm_eps', 'init_std'):
       if not getattr(self, name) > 0:
         raise ValueError(f'TransformerConfig.{name} must be > 0, got {getattr(self, name)!r}')

@@ -1,4 +1,8 @@
-"""Building blocks of the decoder: parameters with logical axes, RMSNorm, RoPE, SwiGLU MLP.
+"""Building blocks: parameters with logical axes, norms, embeddings, RoPE, dense layers, MLPs.
+
+Every bias parameter is called `bias` and every norm gain `scale` (the last entry of its path),
+because weight decay is masked by those names (optim.decay_mask); a bias of a projection that
+is stored as a bare matrix therefore lives in a small `Bias` submodule (`attn/q_bias/bias`).
 
 Axis letters used in the einsums and shape comments:
   B batch   T length (queries)   S length (keys)   D embed   F mlp hidden
@@ -7,6 +11,7 @@ Axis letters used in the einsums and shape comments:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -35,6 +40,60 @@ def normal(std: float) -> Initializer:
   return jax.nn.initializers.normal(stddev=std)
 
 
+# HF's `silu`, `gelu_new` (GPT-2: the tanh approximation) and `gelu` (BERT: exact, with erf).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'silu': jax.nn.silu,
+    'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True),
+    'gelu': functools.partial(jax.nn.gelu, approximate=False),
+}
+
+
+class Bias(nnx.Module):
+  """A zero-initialised bias, added to a projection stored as a bare matrix."""
+
+  def __init__(self, shape: Sequence[int], axes: Sequence[str | None], *,
+               param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.bias = param(rngs, jax.nn.initializers.zeros, shape, param_dtype, axes)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x + self.bias[...].astype(x.dtype)
+
+
+def maybe_bias(x: jax.Array, bias: Bias | None) -> jax.Array:
+  return x if bias is None else bias(x)
+
+
+class Dense(nnx.Module):
+  """x @ kernel + bias for the small heads (pooler, classifier): kernel [in, out]."""
+
+  def __init__(self, in_dim: int, out_dim: int, axes: tuple[str | None, str | None], *,
+               init_std: float, use_bias: bool, dtype: jnp.dtype, param_dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.kernel = param(rngs, normal(init_std), (in_dim, out_dim), param_dtype, axes)
+    self.bias = param(
+        rngs, jax.nn.initializers.zeros, (out_dim,), param_dtype, axes[1:]) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.einsum('...I,IO->...O', x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  """A lookup table named `embedding` (position and token-type tables of GPT-2 and BERT).
+
+  The table's rows are not a logical axis of the model (positions and segment types are few),
+  so only the feature axis is split.
+  """
+
+  def __init__(self, num: int, dim: int, *, init_std: float, param_dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    self.embedding = param(rngs, normal(init_std), (num, dim), param_dtype, (None, 'embed'))
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids, axis=0)
+
+
 class RMSNorm(nnx.Module):
   """Root-mean-square layer norm (Zhang & Sennrich 2019): no mean subtraction, no bias.
 
@@ -52,6 +111,34 @@ class RMSNorm(nnx.Module):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
     return (x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """Layer normalisation (Ba et al. 2016) with a gain `scale` and a `bias`, as in GPT-2/BERT.
+
+  Mean and variance are taken in float32, for the same reason as in RMSNorm.
+  """
+
+  def __init__(self, dim: int, *, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), param_dtype, ('embed',))
+    self.bias = param(rngs, jax.nn.initializers.zeros, (dim,), param_dtype, ('embed',))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    x32 = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + self.eps)
+    y = x32 * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def make_norm(kind: str, dim: int, *, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype,
+              rngs: nnx.Rngs) -> RMSNorm | LayerNorm:
+  """The family's norm: 'rms' or 'layer'."""
+  cls = {'rms': RMSNorm, 'layer': LayerNorm}[kind]
+  return cls(dim, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -73,22 +160,36 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 class Mlp(nnx.Module):
-  """SwiGLU feed-forward (Shazeer 2020): down(silu(x gate) * (x up)).
+  """Feed-forward block: SwiGLU down(silu(x gate) * (x up)) or plain down(act(x up)).
 
-  The gated unit beats a GELU MLP of equal parameter count, which is why Llama uses it with a
-  hidden width of about 8/3 of the model width instead of 4x.
+  The gated unit (Shazeer 2020) beats a GELU MLP of equal parameter count, which is why Llama
+  uses it with a hidden width of about 8/3 of the model width; GPT-2 and BERT use the plain
+  form at 4x with biases on both matrices.
   """
 
   def __init__(self, embed_dim: int, mlp_dim: int, *, init_std: float, out_std: float,
-               dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+               dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs,
+               activation: str = 'silu', gated: bool = True, use_bias: bool = False):
     self.dtype = dtype
-    self.gate = param(rngs, normal(init_std), (embed_dim, mlp_dim), param_dtype, ('embed', 'mlp'))
-    self.up = param(rngs, normal(init_std), (embed_dim, mlp_dim), param_dtype, ('embed', 'mlp'))
-    self.down = param(rngs, normal(out_std), (mlp_dim, embed_dim), param_dtype, ('mlp', 'embed'))
+    self.activation = activation  # a name: module attributes stay plain, hashable data
+    d, f = embed_dim, mlp_dim
+    self.gate = (
+        param(rngs, normal(init_std), (d, f), param_dtype, ('embed', 'mlp')) if gated else None)
+    self.up = param(rngs, normal(init_std), (d, f), param_dtype, ('embed', 'mlp'))
+    self.down = param(rngs, normal(out_std), (f, d), param_dtype, ('mlp', 'embed'))
+    bias = functools.partial(Bias, param_dtype=param_dtype, rngs=rngs)
+    self.up_bias = bias((f,), ('mlp',)) if use_bias else None
+    self.down_bias = bias((d,), ('embed',)) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    gate = jnp.einsum('BTD,DF->BTF', x, self.gate[...].astype(self.dtype))
     up = jnp.einsum('BTD,DF->BTF', x, self.up[...].astype(self.dtype))
-    hidden = sharding.constrain(jax.nn.silu(gate) * up, ('batch', 'length', 'mlp'))
-    return jnp.einsum('BTF,FD->BTD', hidden, self.down[...].astype(self.dtype))
+    up = maybe_bias(up, self.up_bias)
+    act = ACTIVATIONS[self.activation]
+    if self.gate is None:
+      hidden = act(up)
+    else:
+      hidden = act(jnp.einsum('BTD,DF->BTF', x, self.gate[...].astype(self.dtype))) * up
+    hidden = sharding.constrain(hidden, ('batch', 'length', 'mlp'))
+    out = jnp.einsum('BTF,FD->BTD', hidden, self.down[...].astype(self.dtype))
+    return maybe_bias(out, self.down_bias)

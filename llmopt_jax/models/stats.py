@@ -8,23 +8,40 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from llmopt_jax.models import families
 from llmopt_jax.models.config import TransformerConfig
 
 
 def _layer_matmul_params(c: TransformerConfig) -> int:
-  """Weights of one block's matrices: q, k, v, o and the SwiGLU gate, up and down."""
+  """Weights of one block's matrices: q, k, v, o and the MLP's (gate,) up and down."""
   attn = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-  mlp = 3 * c.embed_dim * c.mlp_dim
+  mlp = (3 if families.get(c.family).gated_mlp else 2) * c.embed_dim * c.mlp_dim
   return attn + mlp
+
+
+def _layer_bias_params(c: TransformerConfig) -> int:
+  """Biases of one block: q, k, v (Qwen2, GPT-2, BERT), o, and the MLP's up and down."""
+  family = families.get(c.family)
+  qkv = c.head_dim * (c.num_heads + 2 * c.num_kv_heads)
+  return (qkv if family.bias or c.attention_bias else 0) + (
+      c.embed_dim + c.mlp_dim + c.embed_dim if family.bias else 0)
+
+
+def _output_params(c: TransformerConfig) -> int:
+  """Weights of the projection to the vocabulary, the embedding table's when tied."""
+  return c.embed_dim * c.vocab_size if c.lm_head else 0
 
 
 def count_params(config: TransformerConfig) -> int:
   """Number of parameters of `Transformer(config)`."""
   c = config
-  embedding = c.vocab_size * c.embed_dim
-  lm_head = 0 if c.tie_embeddings else c.embed_dim * c.vocab_size
-  norms = (2 * c.num_layers + 1) * c.embed_dim  # two per block and the final one
-  return embedding + lm_head + c.num_layers * _layer_matmul_params(c) + norms
+  family = families.get(c.family)
+  tables = (c.vocab_size + c.max_positions + c.type_vocab_size) * c.embed_dim
+  lm_head = _output_params(c) if not c.tie_embeddings else 0
+  # Two per block and one more: the final norm (pre-norm) or the embedding norm (post-norm).
+  norms = (2 * c.num_layers + 1) * c.embed_dim * (2 if family.norm == 'layer' else 1)
+  layers = c.num_layers * (_layer_matmul_params(c) + _layer_bias_params(c))
+  return tables + lm_head + layers + norms
 
 
 def param_bytes(config: TransformerConfig) -> int:
@@ -37,13 +54,14 @@ def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
 
   Follows PaLM (Chowdhery et al. 2022, appendix B), as in Chinchilla: 6 FLOPs per matmul
   weight per token (2 forward, 4 backward) plus 12 * L * T * N * H for the attention scores
-  q.k and the weighted sum of values. The embedding lookup is a gather and costs nothing; the
-  output projection to the vocabulary is a matmul and is counted, tied or not. Like PaLM we
+  q.k and the weighted sum of values. The embedding lookups are gathers and cost nothing; the
+  output projection to the vocabulary is a matmul and is counted, tied or not (an encoder
+  without one skips it). Biases and norms are negligible and not counted. Like PaLM we
   count the full T x T score matrix, not the causal half a fused kernel could skip, so the
   resulting MFU is comparable with published figures.
   """
   c = config
-  matmul_params = c.num_layers * _layer_matmul_params(c) + c.embed_dim * c.vocab_size
+  matmul_params = c.num_layers * _layer_matmul_params(c) + _output_params(c)
   attention = 12 * c.num_layers * seq_len * c.num_heads * c.head_dim
   return float(6 * matmul_params + attention)
 

@@ -12,6 +12,7 @@ import ml_collections
 
 STAGES = {
     'pretrain': 'llmopt_jax.stages.pretrain',
+    'finetune': 'llmopt_jax.stages.finetune',
 }
 
 

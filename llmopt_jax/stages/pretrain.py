@@ -52,7 +52,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> tuple[loop.Ta
       lm_pipeline.LMBatches(
           train_source, tokenizer, seq_len=data.seq_len, batch_size=rows, seed=config.seed,
           shard_index=shard, shard_count=count)
-      for shard, rows, count in _my_shards(config)])
+      for shard, rows, count in distributed.data_shards(config)])
   eval_data = _eval_batches(config, eval_source, tokenizer)
   task = loop.Task(
       build_model=lambda rngs: Transformer(model_config, rngs=rngs),
@@ -62,24 +62,6 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> tuple[loop.Ta
       eval_data=lambda: eval_data,
   )
   return task, model_config
-
-
-def _my_shards(config: ml_collections.ConfigDict) -> list[tuple[int, int, int]]:
-  """(shard index, rows per batch, shard count) of the data shards this process reads.
-
-  The number of shards is a config field, not the number of processes, so the global batch
-  (and with it the whole run) is the same on one process or on many.
-  """
-  processes, me = jax.process_count(), jax.process_index()
-  count = config.data.num_shards or processes
-  if count % processes:
-    raise ValueError(f'config.data.num_shards={count} must be a multiple of the '
-                     f'{processes} processes')
-  if config.train.batch_size % count:
-    raise ValueError(f'config.train.batch_size={config.train.batch_size} must be a multiple '
-                     f'of the {count} data shards (config.data.num_shards)')
-  rows, per_process = config.train.batch_size // count, count // processes
-  return [(shard, rows, count) for shard in range(me * per_process, (me + 1) * per_process)]
 
 
 def _eval_batches(config: ml_collections.ConfigDict, source, tokenizer) -> list[dict]:

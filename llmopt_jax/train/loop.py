@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from llmopt_jax import metrics as metrics_lib
 from llmopt_jax import distributed, optim, sharding
@@ -47,6 +48,14 @@ class Task:
   eval_data: Callable[[], Iterable[dict[str, np.ndarray]]]
   # Input tokens in a (global) batch, for the tokens/s figure.
   count_tokens: Callable[[dict[str, jax.Array]], int] = lambda batch: batch['inputs'].size
+  # Starting weights, e.g. a Hugging Face checkpoint placed on (mesh, rules); None = random.
+  pretrained: Callable[[Mesh, sharding.Rules], nnx.State] | None = None
+  # Techniques whose trainable tree differs from the model's parameters (LoRA): model params
+  # -> trainable tree at init, trainable tree -> model params in every step, and which
+  # trainable paths are frozen (no update, no optimizer state).
+  extend_params: Callable[[nnx.State], Any] | None = None
+  params_transform: step_lib.ParamsTransform | None = None
+  frozen: Callable[[str], bool] | None = None
 
 
 class NonFiniteError(RuntimeError):
@@ -62,8 +71,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
   sharding.check_batch(config.train.batch_size, mesh, rules, config.train.num_micro_batches)
 
   # ---- Model, optimizer, and where the state lives ------------------------------------------
-  tx = optim.make_optimizer(config.optim, num_steps)
-  graphdef, init = state_lib.init_fn(task.build_model, tx, config.seed)
+  tx = optim.make_optimizer(config.optim, num_steps, frozen=task.frozen)
+  graphdef, init = state_lib.init_fn(task.build_model, tx, config.seed, task.extend_params)
   abstract, shardings = state_lib.abstract_and_shardings(init, mesh, rules)
 
   # ---- Checkpoints: resume if the workdir has one -------------------------------------------
@@ -77,7 +86,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
   start = checkpoints.latest_step()
   if start is None:
     start = 0
-    state = state_lib.initialize(init, shardings)
+    if task.pretrained is None:
+      state = state_lib.initialize(init, shardings)
+    else:
+      state = state_lib.initialize_from(
+          task.pretrained(mesh, rules), tx, shardings, task.extend_params)
   else:
     state, progress = checkpoints.restore(start, abstract)
     task.train_data.set_state(_this_process(progress['data'], checkpoints.directory))
@@ -93,8 +106,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
   # ---- Steps --------------------------------------------------------------------------------
   train_step = step_lib.make_train_step(
       graphdef, tx, task.loss_fn, seed=config.seed,
-      num_micro_batches=config.train.num_micro_batches)
-  eval_step = step_lib.make_eval_step(graphdef, task.eval_fn)
+      num_micro_batches=config.train.num_micro_batches, params_transform=task.params_transform)
+  eval_step = step_lib.make_eval_step(
+      graphdef, task.eval_fn, params_transform=task.params_transform)
   train_step, eval_step = step_lib.jit_steps(train_step, eval_step, shardings, mesh, rules)
   compiled_step = None  # compiled ahead of time at the first batch, for the memory report
 
@@ -161,6 +175,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
     print(f'process {jax.process_index()}/{jax.process_count()}: step {step}, '
           f'train loss {last_train_loss:.8f}', flush=True)
   return _finish(workdir, checkpoints, log, stopper, step, eval_metrics)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, task: Task, step: int,
+                        batches: Iterable[dict[str, np.ndarray]]) -> dict[str, Any]:
+  """Metric sums (not yet means) of checkpoint `step` of `workdir` over `batches`.
+
+  Used after training to score the kept best checkpoint on a held-out test split.
+  """
+  mesh, rules = sharding.from_config(config.mesh)
+  tx = optim.make_optimizer(config.optim, config.train.num_steps, frozen=task.frozen)
+  graphdef, init = state_lib.init_fn(task.build_model, tx, config.seed, task.extend_params)
+  abstract, shardings = state_lib.abstract_and_shardings(init, mesh, rules)
+  checkpoints = Checkpoints(
+      os.path.join(workdir, 'checkpoints'), keep_last=config.checkpoint.keep_last,
+      keep_best=config.checkpoint.keep_best, best_metric=config.early_stopping.metric,
+      best_mode=config.early_stopping.mode)
+  state, _ = checkpoints.restore(step, abstract)
+  checkpoints.close()
+  eval_step = step_lib.make_eval_step(
+      graphdef, task.eval_fn, params_transform=task.params_transform)
+  _, eval_step = step_lib.jit_steps(lambda s, b: (s, {}), eval_step, shardings, mesh, rules)
+  return metrics_lib.total(
+      eval_step(state.params, sharding.shard_batch(b, mesh, rules)) for b in batches)
 
 
 def _this_process(states: list[dict], directory: str) -> dict:

@@ -27,13 +27,21 @@ class TrainState(struct.PyTreeNode):
 
 
 def init_fn(
-    build_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation, seed: int
+    build_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation, seed: int,
+    extend_params: Callable[[nnx.State], Any] | None = None,
 ) -> tuple[nnx.GraphDef, Callable[[], TrainState]]:
-  """The model's graphdef and a function creating a fresh state (meant to run under jit)."""
+  """The model's graphdef and a function creating a fresh state (meant to run under jit).
+
+  `extend_params` turns the model's parameters into the trainable tree when the two differ
+  (LoRA adds adapters beside the frozen weights); it runs inside `init`, so what it adds is
+  born sharded too.
+  """
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(nnx.Rngs(params=seed))))
 
   def init() -> TrainState:
     params = nnx.state(build_model(nnx.Rngs(params=seed)), nnx.Param)
+    if extend_params is not None:
+      params = extend_params(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   return graphdef, init
 
@@ -57,3 +65,16 @@ def initialize(init: Callable[[], TrainState], shardings: Any) -> TrainState:
   """Runs `init` under jit so every array is written straight into its shards: no host ever
   holds a full copy of a parameter it does not own."""
   return jax.jit(init, out_shardings=shardings)()
+
+
+def initialize_from(
+    params: nnx.State, tx: optax.GradientTransformation, shardings: Any,
+    extend_params: Callable[[nnx.State], Any] | None = None,
+) -> TrainState:
+  """A fresh state around given model parameters (pretrained weights, already on the mesh):
+  only the extension (LoRA adapters) and the optimizer state are created, born sharded."""
+  def init(params: nnx.State) -> TrainState:
+    if extend_params is not None:
+      params = extend_params(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return jax.jit(init, out_shardings=shardings)(params)

@@ -6,6 +6,11 @@ hands to `make_train_step`; it never writes a second step. A loss function has t
     loss_fn(model, batch, rngs) -> (objective_sum, weight, metric_sums)
 
 and the step minimises objective_sum / weight over the whole (possibly accumulated) batch.
+
+A technique whose trainable state is not the model's own parameters (LoRA keeps frozen base
+weights and adapters) passes a `params_transform(params, rng) -> model params`, applied inside
+the differentiated objective just before `nnx.merge`; `rng` is None in evaluation. The default
+is the identity, and the step knows nothing else about the technique.
 """
 
 from __future__ import annotations
@@ -26,9 +31,19 @@ from llmopt_jax.train.state import TrainState
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch, nnx.Rngs | None], tuple[jax.Array, jax.Array, MetricSums]]
 EvalFn = Callable[[nnx.Module, Batch], MetricSums]
+# (trainable params, key or None) -> the model's params
+ParamsTransform = Callable[[Any, jax.Array | None], nnx.State]
 
 # Dropout keys are drawn from this stream of the run's seed, folded with the step.
 _DROPOUT_STREAM = 1
+# The params transform's key is this stream of the (step's or micro-batch's) dropout key, so
+# the model's own dropout keys stay what they were without a transform.
+_TRANSFORM_STREAM = 1
+
+
+def _no_transform(params: Any, rng: jax.Array | None) -> Any:
+  del rng
+  return params
 
 
 def make_train_step(
@@ -38,13 +53,16 @@ def make_train_step(
     *,
     seed: int,
     num_micro_batches: int = 1,
+    params_transform: ParamsTransform | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, MetricSums]]:
   """Builds `train_step(state, batch) -> (state, metrics)`; metrics are (sum, count) pairs."""
   base_key = jax.random.fold_in(jax.random.key(seed), _DROPOUT_STREAM)
+  transform = params_transform or _no_transform
 
   def loss_and_grad(params, batch, rng):
     def objective(params):
-      model = nnx.merge(graphdef, params)
+      model_params = transform(params, jax.random.fold_in(rng, _TRANSFORM_STREAM))
+      model = nnx.merge(graphdef, model_params)
       loss_sum, weight, sums = loss_fn(model, batch, nnx.Rngs(dropout=rng))
       return loss_sum, (weight, sums)
     return jax.value_and_grad(objective, has_aux=True)(params)
@@ -70,10 +88,14 @@ def make_train_step(
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, eval_fn: EvalFn) -> Callable[[Any, Batch], MetricSums]:
+def make_eval_step(graphdef: nnx.GraphDef, eval_fn: EvalFn, *,
+                   params_transform: ParamsTransform | None = None
+                   ) -> Callable[[Any, Batch], MetricSums]:
   """Builds `eval_step(params, batch) -> metric sums` with the model in deterministic mode."""
+  transform = params_transform or _no_transform
+
   def eval_step(params: nnx.State, batch: Batch) -> MetricSums:
-    return eval_fn(nnx.merge(graphdef, params), batch)
+    return eval_fn(nnx.merge(graphdef, transform(params, None)), batch)
   return eval_step
 
 
