@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.peft.alpha = 16.0
   config.peft.dropout = 0.0
   config.peft.targets = (r'.*attn/(q|k|v|o)', r'.*mlp/(gate|up|down)')
-  config.peft.trainable = (r'classifier/.*', r'pooler/.*')   # the new head trains fully
+  config.peft.trainable = (r'(classifier|pooler)/.*',)   # the new head trains fully
 
   config.optim = configlib.optimizer(lr=1e-4 if arg.peft == 'none' else 1e-3, warmup_steps=80)
   config.optim.weight_decay = 0.01

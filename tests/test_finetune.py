@@ -22,6 +22,17 @@ def test_tiny_banking77_finetune_beats_the_majority_class(tmp_path):
   assert (tmp_path / 'report.md').exists() and (tmp_path / 'report.json').exists()
 
 
+def _flat(tree) -> dict[str, np.ndarray]:
+  """'/'-joined parameter paths -> arrays, whether list indices are ints or strings and
+  whether a checkpoint kept the variables' `value` field in the path."""
+  def name(key):
+    return str(getattr(key, 'key', getattr(key, 'idx', getattr(key, 'name', key))))
+  flat = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    flat['/'.join(name(k) for k in path).removesuffix('/value')] = np.asarray(leaf)
+  return flat
+
+
 def test_lora_finetune_trains_adapters_and_head_only(tmp_path):
   """Under LoRA the pretrained weights stay bitwise what the checkpoint file holds."""
   config = load_config('finetune', 'tiny,peft=lora')
@@ -32,8 +43,8 @@ def test_lora_finetune_trains_adapters_and_head_only(tmp_path):
 
   state = restore_state(tmp_path, 4)
   model, _ = hf.load_pretrained(hf.minilm_path())
-  pretrained = dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model))))
-  trained = dict(jax.tree_util.tree_leaves_with_path(state['params']['base']['backbone']))
+  pretrained = _flat(nnx.to_pure_dict(nnx.state(model)))
+  trained = _flat(state['params']['base']['backbone'])
   shared = set(pretrained) & set(trained)
   assert len(shared) > 50  # every backbone tensor of the 6-layer encoder
   for path in shared:
