@@ -195,7 +195,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, task: T
   checkpoints.close()
   eval_step = step_lib.make_eval_step(
       graphdef, task.eval_fn, params_transform=task.params_transform)
-  _, eval_step = step_lib.jit_steps(lambda s, b: (s, {}), eval_step, shardings, mesh, rules)
+  eval_step = step_lib.jit_eval_step(eval_step, shardings.params, mesh, rules)
   return metrics_lib.total(
       eval_step(state.params, sharding.shard_batch(b, mesh, rules)) for b in batches)
 

@@ -99,27 +99,30 @@ def make_eval_step(graphdef: nnx.GraphDef, eval_fn: EvalFn, *,
   return eval_step
 
 
+def _traced_under_rules(fn, mesh: Mesh, rules: sharding.Rules):
+  """`fn`, traced with `sharding.constrain` placing activations on `mesh` by `rules`."""
+  def wrapped(*args):
+    with sharding.use(mesh, rules):
+      return fn(*args)
+  return wrapped
+
+
+def jit_eval_step(eval_step, params_shardings: Any, mesh: Mesh, rules: sharding.Rules):
+  """The eval step jitted with explicit shardings; metric sums come back replicated."""
+  return jax.jit(
+      _traced_under_rules(eval_step, mesh, rules),
+      in_shardings=(params_shardings, sharding.batch_sharding(mesh, rules)),
+      out_shardings=NamedSharding(mesh, PartitionSpec()),
+  )
+
+
 def jit_steps(
     train_step, eval_step, state_shardings: Any, mesh: Mesh, rules: sharding.Rules):
   """Jits both steps with explicit in/out shardings (pjit semantics); the state is donated."""
-  batch = sharding.batch_sharding(mesh, rules)
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def traced_under_rules(fn):
-    def wrapped(*args):
-      with sharding.use(mesh, rules):
-        return fn(*args)
-    return wrapped
-
   jitted_train = jax.jit(
-      traced_under_rules(train_step),
-      in_shardings=(state_shardings, batch),
-      out_shardings=(state_shardings, replicated),
+      _traced_under_rules(train_step, mesh, rules),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules)),
+      out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
       donate_argnums=(0,),
   )
-  jitted_eval = jax.jit(
-      traced_under_rules(eval_step),
-      in_shardings=(state_shardings.params, batch),
-      out_shardings=replicated,
-  )
-  return jitted_train, jitted_eval
+  return jitted_train, jit_eval_step(eval_step, state_shardings.params, mesh, rules)
