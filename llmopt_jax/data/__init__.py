@@ -1,9 +1,13 @@
-"""Input data: text sources, tokenizers and packed language-model batches.
+"""Input data: text sources, tokenizers, packed LM batches and labelled classification sets.
 
   sources.py           documents of a split as a random-access sequence of str (TFDS)
   tokenizers.py        byte and byte-level BPE tokenizers
   lm_pipeline.py       packed, sharded, resumable LM training batches and eval batches
+  labelled.py          labelled texts: user CSV/TSV/JSONL files, stratified validation carve-out
+  intents.py           the shipped intent sets, Banking77 and CLINC150
+  classification.py    sharded, resumable (optionally class-balanced) classification batches
   tiny_shakespeare/    the shipped corpus and its TFDS builder
+  banking77/, clinc150/  the shipped intent data, with their PROVENANCE.md
 
 Modules are imported by name (`from llmopt_jax.data import sources`) so that importing the
 package stays cheap.
