@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from llmopt_jax.data import lm_pipeline
 from llmopt_jax.data.labelled import Split
 from llmopt_jax.data.tokenizers import ByteTokenizer
 
@@ -84,12 +85,7 @@ class ClassificationBatches:
   def __init__(self, split: Split, encode: Encode, *, batch_size: int, seed: int,
                shard_index: int = 0, shard_count: int = 1, balanced: bool = False,
                state: dict[str, int] | None = None):
-    if batch_size < 1:
-      raise ValueError(f'batch_size={batch_size} must be positive')
-    if not 0 <= shard_index < shard_count:
-      raise ValueError(f'shard_index={shard_index} is not in [0, {shard_count})')
-    if len(split) < shard_count:
-      raise ValueError(f'{len(split)} examples cannot be split into {shard_count} shards')
+    lm_pipeline.check_shard(batch_size, shard_index, shard_count, len(split), 'examples')
     self._split, self._encode = split, encode
     self._batch_size, self._seed, self._balanced = batch_size, seed, balanced
     self._shard_index, self._shard_count = shard_index, shard_count

@@ -43,18 +43,26 @@ def _window_index(seq_len: int, batch_size: int) -> np.ndarray:
   return np.arange(batch_size)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
 
 
+def check_shard(batch_size: int, shard_index: int, shard_count: int, size: int,
+                unit: str) -> None:
+  """The arguments every sharded batch iterator takes are sane (one-line errors)."""
+  if batch_size < 1:
+    raise ValueError(f'batch_size={batch_size} must be positive')
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'shard_index={shard_index} is not in [0, {shard_count})')
+  if size < shard_count:
+    raise ValueError(f'{size} {unit} cannot be split into {shard_count} shards')
+
+
 class LMBatches:
   """Iterator of training batches {'inputs', 'targets': int32[b, T], 'weights': f32[b, T]}."""
 
   def __init__(self, source: TextSource, tokenizer: Tokenizer, *, seq_len: int,
                batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
                state: dict[str, int] | None = None):
-    if seq_len < 1 or batch_size < 1:
-      raise ValueError(f'seq_len={seq_len} and batch_size={batch_size} must be positive')
-    if not 0 <= shard_index < shard_count:
-      raise ValueError(f'shard_index={shard_index} is not in [0, {shard_count})')
-    if len(source) < shard_count:
-      raise ValueError(f'{len(source)} documents cannot be split into {shard_count} shards')
+    if seq_len < 1:
+      raise ValueError(f'seq_len={seq_len} must be positive')
+    check_shard(batch_size, shard_index, shard_count, len(source), 'documents')
     self._source, self._tokenizer = source, tokenizer
     self._seq_len, self._batch_size, self._seed = seq_len, batch_size, seed
     self._shard_index, self._shard_count = shard_index, shard_count

@@ -20,8 +20,7 @@ from flax import nnx
 
 from llmopt_jax import classification_metrics, distributed, hf, lora, optim
 from llmopt_jax import workdir as workdir_lib
-from llmopt_jax.data import classification, intents, lm_pipeline
-from llmopt_jax.data.labelled import Split as classification_split
+from llmopt_jax.data import classification, intents, labelled, lm_pipeline
 from llmopt_jax.hf import configs as hf_configs
 from llmopt_jax.hf.load import build, read_config
 from llmopt_jax.models.heads import HeadConfig
@@ -126,7 +125,7 @@ def _subset_order(split, limit: int):
   if not limit:
     return split
   order = np.random.default_rng(0).permutation(len(split))
-  return classification_split(tuple(split.texts[i] for i in order), split.labels[order])
+  return labelled.Split(tuple(split.texts[i] for i in order), split.labels[order])
 
 
 def _logits(model, batch, rngs):

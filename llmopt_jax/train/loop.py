@@ -66,23 +66,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
   """Trains (or resumes) to `config.train.num_steps`; returns the run summary."""
   num_steps = config.train.num_steps
 
-  # ---- Mesh ---------------------------------------------------------------------------------
-  mesh, rules = sharding.from_config(config.mesh)
+  # ---- Mesh, model, optimizer, and where the state lives ------------------------------------
+  setup = _Setup.of(config, task)
+  mesh, rules, tx, graphdef, init = setup.mesh, setup.rules, setup.tx, setup.graphdef, setup.init
+  abstract, shardings = setup.abstract, setup.shardings
   sharding.check_batch(config.train.batch_size, mesh, rules, config.train.num_micro_batches)
-
-  # ---- Model, optimizer, and where the state lives ------------------------------------------
-  tx = optim.make_optimizer(config.optim, num_steps, frozen=task.frozen)
-  graphdef, init = state_lib.init_fn(task.build_model, tx, config.seed, task.extend_params)
-  abstract, shardings = state_lib.abstract_and_shardings(init, mesh, rules)
 
   # ---- Checkpoints: resume if the workdir has one -------------------------------------------
   stopper = EarlyStopping(
       metric=config.early_stopping.metric, mode=config.early_stopping.mode,
       patience=config.early_stopping.patience, min_delta=config.early_stopping.min_delta)
-  checkpoints = Checkpoints(
-      os.path.join(workdir, 'checkpoints'), keep_last=config.checkpoint.keep_last,
-      keep_best=config.checkpoint.keep_best, best_metric=stopper.metric, best_mode=stopper.mode,
-      async_save=config.checkpoint.async_save)
+  checkpoints = _checkpoints(config, workdir)
   start = checkpoints.latest_step()
   if start is None:
     start = 0
@@ -183,21 +177,42 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, task: T
 
   Used after training to score the kept best checkpoint on a held-out test split.
   """
-  mesh, rules = sharding.from_config(config.mesh)
-  tx = optim.make_optimizer(config.optim, config.train.num_steps, frozen=task.frozen)
-  graphdef, init = state_lib.init_fn(task.build_model, tx, config.seed, task.extend_params)
-  abstract, shardings = state_lib.abstract_and_shardings(init, mesh, rules)
-  checkpoints = Checkpoints(
-      os.path.join(workdir, 'checkpoints'), keep_last=config.checkpoint.keep_last,
-      keep_best=config.checkpoint.keep_best, best_metric=config.early_stopping.metric,
-      best_mode=config.early_stopping.mode)
-  state, _ = checkpoints.restore(step, abstract)
+  setup = _Setup.of(config, task)
+  checkpoints = _checkpoints(config, workdir)
+  state, _ = checkpoints.restore(step, setup.abstract)
   checkpoints.close()
   eval_step = step_lib.make_eval_step(
-      graphdef, task.eval_fn, params_transform=task.params_transform)
-  eval_step = step_lib.jit_eval_step(eval_step, shardings.params, mesh, rules)
+      setup.graphdef, task.eval_fn, params_transform=task.params_transform)
+  eval_step = step_lib.jit_eval_step(eval_step, setup.shardings.params, setup.mesh, setup.rules)
   return metrics_lib.total(
-      eval_step(state.params, sharding.shard_batch(b, mesh, rules)) for b in batches)
+      eval_step(state.params, sharding.shard_batch(b, setup.mesh, setup.rules)) for b in batches)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+  """What training and checkpoint scoring both derive from the config and the task."""
+  mesh: Mesh
+  rules: sharding.Rules
+  tx: Any
+  graphdef: nnx.GraphDef
+  init: Callable[[], state_lib.TrainState]
+  abstract: state_lib.TrainState
+  shardings: Any
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict, task: Task) -> _Setup:
+    mesh, rules = sharding.from_config(config.mesh)
+    tx = optim.make_optimizer(config.optim, config.train.num_steps, frozen=task.frozen)
+    graphdef, init = state_lib.init_fn(task.build_model, tx, config.seed, task.extend_params)
+    abstract, shardings = state_lib.abstract_and_shardings(init, mesh, rules)
+    return cls(mesh, rules, tx, graphdef, init, abstract, shardings)
+
+
+def _checkpoints(config: ml_collections.ConfigDict, workdir: str) -> Checkpoints:
+  return Checkpoints(
+      os.path.join(workdir, 'checkpoints'), keep_last=config.checkpoint.keep_last,
+      keep_best=config.checkpoint.keep_best, best_metric=config.early_stopping.metric,
+      best_mode=config.early_stopping.mode, async_save=config.checkpoint.async_save)
 
 
 def _this_process(states: list[dict], directory: str) -> dict:
