@@ -51,9 +51,10 @@ def lm_metrics(logits: jax.Array, batch: dict[str, jax.Array]) -> MetricSums:
 
 
 def lm_loss(
-    model: nnx.Module, batch: dict[str, jax.Array], rngs: nnx.Rngs | None
+    model: nnx.Module, batch: dict[str, jax.Array], rngs: nnx.Rngs | None, context=None
 ) -> tuple[jax.Array, jax.Array, MetricSums]:
   """Next-token cross-entropy: (objective sum, weight, metric sums) for the train step."""
+  del context
   logits = model(batch['inputs'], rngs=rngs)
   sums = lm_metrics(logits, batch)
   loss_sum, weight = sums['loss']

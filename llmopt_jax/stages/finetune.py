@@ -24,7 +24,7 @@ from llmopt_jax.data import classification, intents, labelled, lm_pipeline
 from llmopt_jax.hf import configs as hf_configs
 from llmopt_jax.hf.load import build, read_config
 from llmopt_jax.models.heads import HeadConfig
-from llmopt_jax.train import loop
+from llmopt_jax.train import loop, trained
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -35,7 +35,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   task, parts = build_task(config, lora_cfg)
   _describe(task, parts, config)
   summary = loop.train(config, workdir, task)
-  sums = loop.evaluate_checkpoint(config, workdir, task, summary['best_step'], parts['test'])
+  sums = trained.evaluate_checkpoint(config, workdir, task, summary['best_step'], parts['test'])
   report = classification_metrics.classification_report(
       sums['confusion'][0], parts['splits'].label_names,
       out_of_scope='oos' if config.data.name == 'clinc150' else None)
@@ -90,7 +90,8 @@ def build_task(config: ml_collections.ConfigDict,
   validation = eval_split('validation', config.train.eval_batches)
   smoothing = config.head.label_smoothing
 
-  def loss_fn(model, batch, rngs):
+  def loss_fn(model, batch, rngs, context=None):
+    del context
     sums = classification_metrics.classification_sums(
         _logits(model, batch, rngs), batch['labels'], batch['weights'],
         label_smoothing=smoothing, confusion=False)

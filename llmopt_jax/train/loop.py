@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from llmopt_jax import metrics as metrics_lib
 from llmopt_jax import distributed, optim, sharding
 from llmopt_jax.train import memory
+from llmopt_jax.train import setup as setup_lib
 from llmopt_jax.train import state as state_lib
 from llmopt_jax.train import step as step_lib
 from llmopt_jax.train.checkpoint import Checkpoints
@@ -56,6 +57,9 @@ class Task:
   extend_params: Callable[[nnx.State], Any] | None = None
   params_transform: step_lib.ParamsTransform | None = None
   frozen: Callable[[str], bool] | None = None
+  # Arrays the loss reads but never trains, e.g. a distillation teacher's parameters, placed
+  # on (mesh, rules); the loss gets them as `context.constants`. Never checkpointed.
+  constants: Callable[[Mesh, sharding.Rules], Any] | None = None
 
 
 class NonFiniteError(RuntimeError):
@@ -67,7 +71,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
   num_steps = config.train.num_steps
 
   # ---- Mesh, model, optimizer, and where the state lives ------------------------------------
-  setup = _Setup.of(config, task)
+  setup = setup_lib.Setup.of(config, task)
   mesh, rules, tx, graphdef, init = setup.mesh, setup.rules, setup.tx, setup.graphdef, setup.init
   abstract, shardings = setup.abstract, setup.shardings
   sharding.check_batch(config.train.batch_size, mesh, rules, config.train.num_micro_batches)
@@ -76,7 +80,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
   stopper = EarlyStopping(
       metric=config.early_stopping.metric, mode=config.early_stopping.mode,
       patience=config.early_stopping.patience, min_delta=config.early_stopping.min_delta)
-  checkpoints = _checkpoints(config, workdir)
+  checkpoints = setup_lib.open_checkpoints(config, workdir)
   start = checkpoints.latest_step()
   if start is None:
     start = 0
@@ -103,7 +107,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
       num_micro_batches=config.train.num_micro_batches, params_transform=task.params_transform)
   eval_step = step_lib.make_eval_step(
       graphdef, task.eval_fn, params_transform=task.params_transform)
-  train_step, eval_step = step_lib.jit_steps(train_step, eval_step, shardings, mesh, rules)
+  constants = None if task.constants is None else task.constants(mesh, rules)
+  train_step, eval_step = step_lib.jit_steps(
+      train_step, eval_step, shardings, mesh, rules,
+      constants_shardings=jax.tree.map(lambda a: a.sharding, constants))
   compiled_step = None  # compiled ahead of time at the first batch, for the memory report
 
   def evaluate(params) -> dict[str, float]:
@@ -126,10 +133,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
     for step in range(start + 1, num_steps + 1):
       batch = sharding.shard_batch(next(task.train_data), mesh, rules)
       if compiled_step is None:
-        compiled_step = train_step.lower(state, batch).compile()
+        compiled_step = train_step.lower(state, batch, constants).compile()
         log.info(f'Mesh {dict(mesh.shape)}, memory per device:\n'
                  + memory.report(abstract, compiled_step))
-      state, step_metrics = compiled_step(state, batch)
+      state, step_metrics = compiled_step(state, batch, constants)
       # Keep at most one step queued behind the running one: the device never idles, and
       # host memory for queued batches stays bounded (deep queues of collectives have also
       # been seen to hang XLA's CPU runtime on simulated multi-device meshes).
@@ -169,50 +176,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
     print(f'process {jax.process_index()}/{jax.process_count()}: step {step}, '
           f'train loss {last_train_loss:.8f}', flush=True)
   return _finish(workdir, checkpoints, log, stopper, step, eval_metrics)
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, task: Task, step: int,
-                        batches: Iterable[dict[str, np.ndarray]]) -> dict[str, Any]:
-  """Metric sums (not yet means) of checkpoint `step` of `workdir` over `batches`.
-
-  Used after training to score the kept best checkpoint on a held-out test split.
-  """
-  setup = _Setup.of(config, task)
-  checkpoints = _checkpoints(config, workdir)
-  state, _ = checkpoints.restore(step, setup.abstract)
-  checkpoints.close()
-  eval_step = step_lib.make_eval_step(
-      setup.graphdef, task.eval_fn, params_transform=task.params_transform)
-  eval_step = step_lib.jit_eval_step(eval_step, setup.shardings.params, setup.mesh, setup.rules)
-  return metrics_lib.total(
-      eval_step(state.params, sharding.shard_batch(b, setup.mesh, setup.rules)) for b in batches)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Setup:
-  """What training and checkpoint scoring both derive from the config and the task."""
-  mesh: Mesh
-  rules: sharding.Rules
-  tx: Any
-  graphdef: nnx.GraphDef
-  init: Callable[[], state_lib.TrainState]
-  abstract: state_lib.TrainState
-  shardings: Any
-
-  @classmethod
-  def of(cls, config: ml_collections.ConfigDict, task: Task) -> _Setup:
-    mesh, rules = sharding.from_config(config.mesh)
-    tx = optim.make_optimizer(config.optim, config.train.num_steps, frozen=task.frozen)
-    graphdef, init = state_lib.init_fn(task.build_model, tx, config.seed, task.extend_params)
-    abstract, shardings = state_lib.abstract_and_shardings(init, mesh, rules)
-    return cls(mesh, rules, tx, graphdef, init, abstract, shardings)
-
-
-def _checkpoints(config: ml_collections.ConfigDict, workdir: str) -> Checkpoints:
-  return Checkpoints(
-      os.path.join(workdir, 'checkpoints'), keep_last=config.checkpoint.keep_last,
-      keep_best=config.checkpoint.keep_best, best_metric=config.early_stopping.metric,
-      best_mode=config.early_stopping.mode, async_save=config.checkpoint.async_save)
 
 
 def _this_process(states: list[dict], directory: str) -> dict:

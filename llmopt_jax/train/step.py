@@ -3,9 +3,14 @@
 A technique (distillation, QAT, LoRA, pruning) changes the loss function or the update rule it
 hands to `make_train_step`; it never writes a second step. A loss function has the signature
 
-    loss_fn(model, batch, rngs) -> (objective_sum, weight, metric_sums)
+    loss_fn(model, batch, rngs, context) -> (objective_sum, weight, metric_sums)
 
 and the step minimises objective_sum / weight over the whole (possibly accumulated) batch.
+`context` carries what a loss may need besides the batch: the step (for schedules, e.g. a
+distillation temperature) and the task's constants, arrays the loss reads but never trains
+(a distillation teacher's parameters). Constants are an argument of the jitted step, placed on
+the mesh once; they are not in the train state, so they get no gradient, no optimizer state
+and no place in checkpoints.
 
 A technique whose trainable state is not the model's own parameters (LoRA keeps frozen base
 weights and adapters) passes a `params_transform(params, rng) -> model params`, applied inside
@@ -16,7 +21,7 @@ is the identity, and the step knows nothing else about the technique.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +34,15 @@ from llmopt_jax.metrics import MetricSums
 from llmopt_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
-LossFn = Callable[[nnx.Module, Batch, nnx.Rngs | None], tuple[jax.Array, jax.Array, MetricSums]]
+
+
+class LossContext(NamedTuple):
+  step: jax.Array  # int32 scalar: optimizer updates applied before this one
+  constants: Any   # the task's constants (e.g. teacher parameters) on the mesh, or None
+
+
+LossFn = Callable[[nnx.Module, Batch, nnx.Rngs | None, LossContext],
+                  tuple[jax.Array, jax.Array, MetricSums]]
 EvalFn = Callable[[nnx.Module, Batch], MetricSums]
 # (trainable params, key or None) -> the model's params
 ParamsTransform = Callable[[Any, jax.Array | None], nnx.State]
@@ -54,20 +67,24 @@ def make_train_step(
     seed: int,
     num_micro_batches: int = 1,
     params_transform: ParamsTransform | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, MetricSums]]:
-  """Builds `train_step(state, batch) -> (state, metrics)`; metrics are (sum, count) pairs."""
+) -> Callable[..., tuple[TrainState, MetricSums]]:
+  """Builds `train_step(state, batch, constants=None) -> (state, metrics)`; metrics are
+  (sum, count) pairs."""
   base_key = jax.random.fold_in(jax.random.key(seed), _DROPOUT_STREAM)
   transform = params_transform or _no_transform
 
-  def loss_and_grad(params, batch, rng):
-    def objective(params):
-      model_params = transform(params, jax.random.fold_in(rng, _TRANSFORM_STREAM))
-      model = nnx.merge(graphdef, model_params)
-      loss_sum, weight, sums = loss_fn(model, batch, nnx.Rngs(dropout=rng))
-      return loss_sum, (weight, sums)
-    return jax.value_and_grad(objective, has_aux=True)(params)
+  def train_step(state: TrainState, batch: Batch, constants: Any = None
+                 ) -> tuple[TrainState, MetricSums]:
+    context = LossContext(state.step, constants)
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, MetricSums]:
+    def loss_and_grad(params, batch, rng):
+      def objective(params):
+        model_params = transform(params, jax.random.fold_in(rng, _TRANSFORM_STREAM))
+        model = nnx.merge(graphdef, model_params)
+        loss_sum, weight, sums = loss_fn(model, batch, nnx.Rngs(dropout=rng), context)
+        return loss_sum, (weight, sums)
+      return jax.value_and_grad(objective, has_aux=True)(params)
+
     rng = jax.random.fold_in(base_key, state.step)
     grad_sum, weight, sums = optim.accumulate_gradients(
         loss_and_grad, state.params, batch, rng, num_micro_batches)
@@ -116,12 +133,15 @@ def jit_eval_step(eval_step, params_shardings: Any, mesh: Mesh, rules: sharding.
   )
 
 
-def jit_steps(
-    train_step, eval_step, state_shardings: Any, mesh: Mesh, rules: sharding.Rules):
-  """Jits both steps with explicit in/out shardings (pjit semantics); the state is donated."""
+def jit_steps(train_step, eval_step, state_shardings: Any, mesh: Mesh, rules: sharding.Rules,
+              constants_shardings: Any = None):
+  """Jits both steps with explicit in/out shardings (pjit semantics); the state is donated.
+
+  The jitted train step takes `(state, batch, constants)`; constants keep their placement.
+  """
   jitted_train = jax.jit(
       _traced_under_rules(train_step, mesh, rules),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules)),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules), constants_shardings),
       out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
       donate_argnums=(0,),
   )

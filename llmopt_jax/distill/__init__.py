@@ -1,0 +1,1 @@
+"""Knowledge distillation: losses, schedules and the student wrapper."""

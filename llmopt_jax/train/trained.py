@@ -1,0 +1,103 @@
+"""Finished runs as inputs to later stages: read a workdir's config, pick its best checkpoint,
+score it on held-out data, or load its model's parameters onto a mesh.
+
+Stages chain through workdirs: a fine-tune starts from a pretrain run, a distillation reads
+its teacher from a fine-tune, quantization starts from either. Each such stage rebuilds the
+earlier stage's `Task` from the workdir's `config.json` (so the model is built exactly as it
+was trained) and calls `load_params`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from llmopt_jax import metrics as metrics_lib
+from llmopt_jax import sharding
+from llmopt_jax.train import setup as setup_lib
+from llmopt_jax.train import step as step_lib
+from llmopt_jax.train.loop import Task
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was started with (its `config.json`)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{workdir}: no config.json; not a llmopt_jax workdir')
+  with open(path, encoding='utf-8') as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def read_summary(workdir: str) -> dict[str, Any] | None:
+  """The `summary.json` a finished run writes, or None while it has not finished."""
+  path = os.path.join(workdir, 'summary.json')
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def best_step(workdir: str) -> int:
+  """The step of the checkpoint a finished run in `workdir` reports as best (else its last).
+
+  Early stopping's best step is only recorded at evaluations; a run that never evaluated
+  reports its final step.
+  """
+  summary = read_summary(workdir)
+  if summary is None:
+    raise FileNotFoundError(f'{workdir}: no summary.json; the run there has not finished')
+  step = summary.get('best_step') or summary['final_step']
+  if step not in summary.get('checkpoint_steps', [step]):
+    step = summary['final_step']
+  return int(step)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, task: Task, step: int,
+                        batches: Iterable[dict[str, np.ndarray]]) -> dict[str, Any]:
+  """Metric sums (not yet means) of checkpoint `step` of `workdir` over `batches`.
+
+  Used after training to score the kept best checkpoint on a held-out test split.
+  """
+  setup = setup_lib.Setup.of(config, task)
+  params = _restore_params(config, workdir, setup, step)
+  eval_step = step_lib.make_eval_step(
+      setup.graphdef, task.eval_fn, params_transform=task.params_transform)
+  eval_step = step_lib.jit_eval_step(eval_step, setup.shardings.params, setup.mesh, setup.rules)
+  return metrics_lib.total(
+      eval_step(params, sharding.shard_batch(b, setup.mesh, setup.rules)) for b in batches)
+
+
+def load_params(config: ml_collections.ConfigDict, workdir: str, task: Task,
+                step: int | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, model parameters) of checkpoint `step` (default: the best) of `workdir`.
+
+  The parameters are those the model runs with: LoRA adapters merged in (the task's params
+  transform), placed on the mesh of `config.mesh` with the model's logical-axis shardings.
+  `nnx.merge(graphdef, params)` gives the model.
+  """
+  setup = setup_lib.Setup.of(config, task)
+  params = _restore_params(config, workdir, setup, best_step(workdir) if step is None else step)
+  if task.params_transform is not None:
+    params = task.params_transform(params, None)
+  return setup.graphdef, params
+
+
+def _restore_params(config: ml_collections.ConfigDict, workdir: str, setup: setup_lib.Setup,
+                    step: int) -> Any:
+  """The trainable tree of checkpoint `step`. The optimizer state is restored alongside and
+  dropped: Orbax restores a checkpoint item whole."""
+  checkpoints = setup_lib.open_checkpoints(config, workdir)
+  try:
+    if step not in checkpoints.all_steps():
+      raise FileNotFoundError(f'{checkpoints.directory}: no checkpoint of step {step} '
+                              f'(has {checkpoints.all_steps()})')
+    state, _ = checkpoints.restore(step, setup.abstract)
+  finally:
+    checkpoints.close()
+  return state.params
