@@ -8,11 +8,15 @@ the defaults a config declares, so a misspelt or mistyped argument is an error, 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 import ml_collections
 
 from llmopt_jax import sharding
 from llmopt_jax.models import config as model_config
+
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -111,3 +115,13 @@ def optimizer(lr: float, warmup_steps: int) -> ml_collections.ConfigDict:
       # lr * layer_decay^(L - i), embeddings at layer_decay^(L + 1), heads at lr. 1.0 = off.
       layer_decay=1.0,
   ))
+
+
+def sibling(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of `configs/<name>.py`, for a config built on another one (a
+  distillation's student trains like a fine-tune, its teacher is one)."""
+  path = os.path.join(_CONFIGS, f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'llmopt_configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

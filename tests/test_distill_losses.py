@@ -72,7 +72,7 @@ def test_reverse_is_swapped_forward_and_js_is_symmetric_and_bounded():
   far = jnp.asarray(50.0 * np.eye(9, dtype=np.float32)[:2])
   for temperature in (1.0, 3.0):
     per_row = [logit_kd(far[i:i + 1], -far[i:i + 1], jnp.ones(1), temperature=temperature,
-                           divergence='js')[0] for i in range(2)]
+                        divergence='js')[0] for i in range(2)]
     assert all(0 < float(x) <= temperature**2 * math.log(2) + 1e-5 for x in per_row)
 
 
@@ -153,6 +153,19 @@ def test_topk_kd_ignores_entry_order():
   a, _ = topk_kd(s, values, indices, w, temperature=2.0)
   b, _ = topk_kd(s, values[..., order], indices[..., order], w, temperature=2.0)
   np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_topk_kd_padding_rows_may_hold_garbage():
+  s, t = normal(28, (3, 10)), normal(29, (3, 10))
+  values, indices = kd.topk(t, 4)
+  w = jnp.array([1.0, 1.0, 0.0])
+  clean, _ = topk_kd(s, values, indices, w, temperature=2.0)
+  bad_values, bad_indices = np.array(values), np.array(indices)
+  bad_values[2], bad_indices[2] = np.nan, 10**6  # an unwritten cache row
+  def loss(s):
+    return topk_kd(s, bad_values, bad_indices, w, temperature=2.0)[0]
+  np.testing.assert_allclose(loss(s), clean, rtol=1e-6)
+  assert np.all(np.isfinite(jax.grad(loss)(s)))
 
 
 def test_topk_returns_largest_in_descending_order():

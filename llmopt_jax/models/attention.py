@@ -112,13 +112,17 @@ class Attention(nnx.Module):
     return jax.nn.softmax(scores, axis=-1)
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Self-attention of `x` [B,T,D] under `mask` [B or 1,T,S]; dropout only when given rngs."""
+               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+    """Self-attention of `x` [B,T,D] under `mask` [B or 1,T,S]; dropout only when given rngs.
+
+    Returns the output [B,T,D] and the attention weights [B,N,T,S] (float32, before dropout)
+    for techniques that read them (attention transfer); unused, they cost nothing under jit.
+    """
     q, k, v = self.project_qkv(x, positions)
     probs = self.probabilities(q, k, mask)  # [B, K, G, T, S]
-    probs = self.dropout(probs, deterministic=rngs is None, rngs=rngs)
-    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(self.dtype), v)
+    dropped = self.dropout(probs, deterministic=rngs is None, rngs=rngs)
+    out = jnp.einsum('BKGTS,BSKH->BTKGH', dropped.astype(self.dtype), v)
     b, t, k_heads, g, h = out.shape
     out = out.reshape(b, t, k_heads * g, h)  # [B, T, N, H], query head n = k * G + g
     out = jnp.einsum('BTNH,NHD->BTD', out, self.o[...].astype(self.dtype))
-    return layers.maybe_bias(out, self.o_bias)
+    return layers.maybe_bias(out, self.o_bias), probs.reshape(b, k_heads * g, t, -1)

@@ -23,7 +23,7 @@ from flax import nnx
 from llmopt_jax.models import families
 from llmopt_jax.models import layers
 from llmopt_jax.models.config import TransformerConfig
-from llmopt_jax.models.transformer import Transformer
+from llmopt_jax.models.transformer import Intermediates, Transformer
 
 POOLINGS = ('cls', 'mean', 'last')
 
@@ -87,16 +87,19 @@ class SequenceClassifier(nnx.Module):
     self.classifier = dense(num_labels, use_bias=not family.causal)
 
   def __call__(self, tokens: jax.Array, *, token_types: jax.Array | None = None,
-               padding_mask: jax.Array | None = None,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Logits [B,L] float32; `padding_mask` [B,T] is 1 for real tokens (see `encode`)."""
-    hidden = self.backbone.encode(
-        tokens, token_types=token_types, padding_mask=padding_mask, rngs=rngs)
+               padding_mask: jax.Array | None = None, rngs: nnx.Rngs | None = None,
+               intermediates: bool = False) -> jax.Array | tuple[jax.Array, Intermediates]:
+    """Logits [B,L] float32; `padding_mask` [B,T] is 1 for real tokens (see `encode`).
+    With `intermediates=True`, also the backbone's `Intermediates`."""
+    out = self.backbone.encode(tokens, token_types=token_types, padding_mask=padding_mask,
+                               rngs=rngs, intermediates=intermediates)
+    hidden = out[0] if intermediates else out
     pooled = pool(hidden, padding_mask, self.head.pooling)  # [B, D]
     if self.pooler is not None:
       pooled = jnp.tanh(self.pooler(pooled))
     pooled = self.dropout(pooled, deterministic=rngs is None, rngs=rngs)
-    return self.classifier(pooled).astype(jnp.float32)
+    logits = self.classifier(pooled).astype(jnp.float32)
+    return (logits, out[1]) if intermediates else logits
 
 
 def uses_pooler(config: TransformerConfig, head: HeadConfig) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,15 @@ from llmopt_jax.models import layers
 from llmopt_jax.models.config import TransformerConfig
 
 _RESIDUAL = ('batch', 'length', 'embed')
+
+
+class Intermediates(NamedTuple):
+  """What a forward pass saw on the way, for distillation and probing."""
+  # L + 1 residual streams [B,T,D]: the embeddings' output, then each block's (before the
+  # final norm of pre-norm families; BERT's are normalised already), like HF hidden_states.
+  hidden_states: tuple[jax.Array, ...]
+  # L attention weight maps [B,N,T,S], float32, before attention dropout.
+  attentions: tuple[jax.Array, ...]
 
 
 class Block(nnx.Module):
@@ -57,17 +67,20 @@ class Block(nnx.Module):
     self.dropout = nnx.Dropout(c.dropout_rate)
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-    """The residual stream [B,T,D] after this layer; dropout only when `rngs` is given."""
+               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+    """The residual stream [B,T,D] after this layer, and its attention weights [B,N,T,S];
+    dropout only when `rngs` is given."""
     drop = functools.partial(self.dropout, deterministic=rngs is None, rngs=rngs)
     attend = functools.partial(self.attn, positions=positions, mask=mask, rngs=rngs)
     if self.post_norm:
-      x = self.attn_norm(x + drop(attend(x)))
+      attended, probs = attend(x)
+      x = self.attn_norm(x + drop(attended))
       x = self.mlp_norm(x + drop(self.mlp(x)))
     else:
-      x = x + drop(attend(self.attn_norm(x)))
+      attended, probs = attend(self.attn_norm(x))
+      x = x + drop(attended)
       x = x + drop(self.mlp(self.mlp_norm(x)))
-    return sharding.constrain(x, _RESIDUAL)
+    return sharding.constrain(x, _RESIDUAL), probs
 
 
 class Transformer(nnx.Module):
@@ -125,9 +138,12 @@ class Transformer(nnx.Module):
 
   def encode(self, tokens: jax.Array, *, positions: jax.Array | None = None,
              segment_ids: jax.Array | None = None, token_types: jax.Array | None = None,
-             padding_mask: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
+             padding_mask: jax.Array | None = None, rngs: nnx.Rngs | None = None,
+             intermediates: bool = False) -> jax.Array | tuple[jax.Array, Intermediates]:
     """Final hidden states [B,T,D] for `tokens` [B,T], after the final norm where the family
     has one: what a Hugging Face base model (LlamaModel, GPT2Model, BertModel) returns.
+    With `intermediates=True`, also every layer's residual stream and attention weights
+    (`Intermediates`), for techniques that learn from them (distillation).
 
     Args:
       tokens: int token ids [B,T].
@@ -151,10 +167,15 @@ class Transformer(nnx.Module):
         t, segment_ids, causal=self.causal, padding_mask=padding_mask,
         sliding_window=c.sliding_window)
     x = self.embed(tokens, positions=positions, token_types=token_types, rngs=rngs)
+    streams, attentions = [x], []
     for block in self.blocks:
-      x = block(x, positions=positions, mask=mask, rngs=rngs)
+      x, probs = block(x, positions=positions, mask=mask, rngs=rngs)
+      streams.append(x)
+      attentions.append(probs)
     if self.final_norm is not None:
       x = sharding.constrain(self.final_norm(x), _RESIDUAL)
+    if intermediates:
+      return x, Intermediates(tuple(streams), tuple(attentions))
     return x
 
   def logits(self, hidden: jax.Array) -> jax.Array:
@@ -177,9 +198,13 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, token_types: jax.Array | None = None,
-               padding_mask: jax.Array | None = None,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
+               padding_mask: jax.Array | None = None, rngs: nnx.Rngs | None = None,
+               intermediates: bool = False) -> jax.Array | tuple[jax.Array, Intermediates]:
     """Logits [B,T,V] float32 for `tokens` [B,T]; the arguments are those of `encode`."""
-    return self.logits(self.encode(
+    out = self.encode(
         tokens, positions=positions, segment_ids=segment_ids, token_types=token_types,
-        padding_mask=padding_mask, rngs=rngs))
+        padding_mask=padding_mask, rngs=rngs, intermediates=intermediates)
+    if intermediates:
+      hidden, inner = out
+      return self.logits(hidden), inner
+    return self.logits(out)

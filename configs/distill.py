@@ -1,0 +1,116 @@
+"""Distill a fine-tuned MiniLM (6 layers) into a 2-layer student on Banking77; the main job.
+
+  python main.py --config=configs/distill.py --workdir=runs/distill
+  python main.py --config=configs/distill.py:tiny --workdir=/tmp/distill                # seconds
+  python main.py --config=configs/distill.py --config.teacher.workdir=runs/ft --workdir=runs/d2
+  python main.py --config=configs/distill.py --config.distill.temperature=4 \
+      --config.distill.alpha=0.9 --workdir=runs/distill_t4
+  python main.py --config=configs/distill.py --config.distill.hidden_weight=1 \
+      --config.distill.attention_weight=1 --workdir=runs/distill_all
+  python main.py --config=configs/distill.py --config.distill.mode=cached --workdir=runs/dc
+  python main.py --config=configs/distill.py:task=lm --workdir=runs/distill_lm
+
+The run trains (or reuses) the teacher, then two students of the same size from the same
+start: one on labels only, one distilled; it ends with a table of teacher and students
+(parameters, bytes, quality, latency) in <workdir>/report.md and report.json.
+
+Arguments (after the colon): tiny, task=<banking77|clinc150|lm>, mesh=<data|fsdp|...>.
+The student's data, optimizer and training fields are those of configs/finetune.py (or of
+configs/pretrain.py for task=lm); `teacher.config` is the whole config the teacher trains
+with when it does not exist yet.
+"""
+
+import ml_collections
+
+from llmopt_jax import configlib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = configlib.parse_arg(arg, tiny=False, task='banking77', mesh='data')
+  if arg.task == 'lm':
+    return _language_model(arg)
+  base = _arg(tiny=arg.tiny, task=arg.task, mesh=arg.mesh)
+  config = configlib.sibling('finetune', base)  # the student trains like a fine-tune
+  config.stage = 'distill'
+  config.task = 'classification'
+
+  config.teacher = _teacher(configlib.sibling('finetune', base))
+  config.student = _student(num_layers=2)
+  config.distill = _distill(alpha=0.7, temperature=2.0)
+
+  # The students start from the teacher's layers, so they fine-tune rather than learn from
+  # scratch; a shallower network takes a larger step size than the teacher's 1e-4.
+  config.optim.lr = 2e-4
+  config.optim.freeze = ()
+  if arg.tiny:
+    _shrink_teacher_run(config.teacher.config)
+    config.train.num_steps = 20
+    config.train.eval_every = 10
+    config.checkpoint.every_steps = 10
+    config.optim.lr = 1e-3
+  return config
+
+
+def _language_model(arg) -> ml_collections.ConfigDict:
+  """task=lm: a pretrained decoder (configs/pretrain.py) into a 2-layer one, same width."""
+  base = _arg(tiny=arg.tiny, mesh=arg.mesh)
+  config = configlib.sibling('pretrain', base)
+  config.stage = 'distill'
+  config.task = 'lm'
+  config.teacher = _teacher(configlib.sibling('pretrain', base))
+  config.student = _student(num_layers=1 if arg.tiny else 2)
+  # Next-token distributions of a small LM are already soft: T = 1, as in MiniLLM and GKD.
+  config.distill = _distill(alpha=0.5, temperature=1.0)
+  config.early_stopping.metric = 'eval/loss'
+  return config
+
+
+def _arg(**kw) -> str:
+  return ','.join(k if v is True else f'{k}={v}' for k, v in kw.items() if v is not False)
+
+
+def _teacher(teacher_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  teacher = ml_collections.ConfigDict()
+  # A finished run to reuse (a fine-tune for classification, a pretrain for lm). '' = the
+  # teacher lives in <workdir>/teacher, trained there with `config` first if unfinished.
+  teacher.workdir = ''
+  teacher.dtype = 'float32'   # 'bfloat16' halves the teacher's memory and time
+  teacher.config = teacher_config
+  return teacher
+
+
+def _student(num_layers: int) -> ml_collections.ConfigDict:
+  student = ml_collections.ConfigDict()
+  student.num_layers = num_layers
+  # 'teacher': the teacher's embeddings and head, and every k-th block (DistilBERT);
+  # 'scratch': random initialisation.
+  student.init = 'teacher'
+  student.teacher_layers = ''   # 0-based teacher blocks, comma-separated; '' = evenly spaced
+  student.dtype = 'float32'     # compute dtype; 'bfloat16' on accelerators
+  return student
+
+
+def _distill(alpha: float, temperature: float) -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.mode = 'online'             # 'online' (teacher in the step) | 'cached' (top-k on disk)
+  d.top_k = 0                   # cached mode: logits kept per example; 0 = all classes
+  d.alpha = alpha               # weight of the KD term; 1 - alpha on the labels
+  d.alpha_end = alpha
+  d.alpha_schedule = 'constant'   # 'constant' | 'linear' | 'cosine' from alpha to alpha_end
+  d.temperature = temperature
+  d.temperature_end = temperature
+  d.temperature_schedule = 'constant'
+  d.divergence = 'forward'      # 'forward' KL | 'reverse' KL | 'js' (Jensen-Shannon)
+  d.hidden_weight = 0.0         # hidden-state term (TinyBERT); projections when widths differ
+  d.hidden_kind = 'mse'         # 'mse' | 'cosine'
+  d.attention_weight = 0.0      # attention-map term (MiniLM-style)
+  d.attention_kind = 'kl'       # 'kl' | 'mse'
+  d.layer_map = ''              # 1-based teacher block per student block; '' = uniform
+  d.baseline = True             # also train the label-only student for the comparison
+  return d
+
+
+def _shrink_teacher_run(teacher: ml_collections.ConfigDict) -> None:
+  teacher.train.num_steps = 20
+  teacher.train.eval_every = 10
+  teacher.checkpoint.every_steps = 10
