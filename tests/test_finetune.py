@@ -1,12 +1,20 @@
-"""The fine-tune stage end to end: all-MiniLM-L6-v2 on Banking77, fully and with LoRA."""
+"""The fine-tune stage end to end: all-MiniLM-L6-v2 on Banking77, fully and with LoRA, and
+the Hugging Face export that ends it, against transformers itself."""
+
+import json
+import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
+from safetensors.numpy import load_file
 
 from conftest import load_config, restore_state
-from llmopt_jax import hf
+from llmopt_jax import hf, lora
 from llmopt_jax.stages import finetune
+from llmopt_jax.train import trained
 
 
 def test_tiny_banking77_finetune_beats_the_majority_class(tmp_path):
@@ -33,8 +41,9 @@ def _flat(tree) -> dict[str, np.ndarray]:
   return flat
 
 
-def test_lora_finetune_trains_adapters_and_head_only(tmp_path):
-  """Under LoRA the pretrained weights stay bitwise what the checkpoint file holds."""
+def test_lora_finetune_trains_adapters_and_head_only_and_exports_merged(tmp_path):
+  """Under LoRA the pretrained weights stay bitwise what the checkpoint file holds; the export
+  (adapters merged) follows the documented recipe to our logits."""
   config = load_config('finetune', 'tiny,peft=lora')
   config.train.update(num_steps=4, eval_every=4)
   config.checkpoint.every_steps = 4
@@ -51,3 +60,41 @@ def test_lora_finetune_trains_adapters_and_head_only(tmp_path):
     np.testing.assert_array_equal(trained[path], pretrained[path], err_msg=str(path))
   adapters = jax.tree.leaves(state['params']['lora'])
   assert adapters and any(np.abs(a).max() > 0 for a in adapters)
+
+  _check_mean_pooling_export(config, str(tmp_path))
+
+
+def _check_mean_pooling_export(config, workdir: str) -> None:
+  """Mean pooling has no transformers class: the export is BertModel plus head.safetensors,
+  and mean-pooling its last_hidden_state over real tokens, then the linear classifier, must
+  give our logits (the best checkpoint's, LoRA merged) within 1e-4 relative."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  export = os.path.join(workdir, 'export')
+  assert {'config.json', 'model.safetensors', 'head.safetensors', 'head.json',
+          'tokenizer.json'} <= set(os.listdir(export))
+  with open(os.path.join(export, 'head.json'), encoding='utf-8') as f:
+    head = json.load(f)
+  assert head['pooling'] == 'mean' and head['num_labels'] == 77
+  assert head['id2label']['0'] == 'card_arrival'
+
+  queries = ['How do I reset my card PIN?', 'hi',
+             'My transfer from abroad has still not arrived after five days']
+  batch = hf.load_tokenizer(export, max_len=config.data.max_len)(queries)  # exported files
+  model = transformers.AutoModel.from_pretrained(export, dtype=torch.float32).eval()
+  assert type(model).__name__ == 'BertModel'
+  with torch.no_grad():
+    hidden = model(**{name: torch.tensor(batch[key], dtype=torch.long) for name, key in (
+        ('input_ids', 'tokens'), ('attention_mask', 'padding_mask'),
+        ('token_type_ids', 'token_types'))}).last_hidden_state.numpy()
+  mask = batch['padding_mask'][..., None].astype(np.float32)
+  pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+  weights = load_file(os.path.join(export, 'head.safetensors'))
+  assert {w.dtype for w in weights.values()} == {np.dtype(np.float32)}
+  theirs = pooled @ weights['classifier.weight'].T + weights['classifier.bias']
+
+  task, _ = finetune.build_task(config, lora.from_config(config.peft))
+  graphdef, params = trained.load_params(config, workdir, task)
+  ours = np.asarray(nnx.merge(graphdef, params)(
+      **{k: jnp.asarray(v) for k, v in batch.items()}))
+  assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4

@@ -59,7 +59,7 @@ def train(setup, mesh, rules):
   train_step, _ = step_lib.jit_steps(train_step, eval_step, shardings, mesh, rules)
   losses = []
   for batch in setup.batches:
-    state, metrics = train_step(state, sharding.shard_batch(batch, mesh, rules))
+    state, metrics = train_step(state, sharding.shard_batch(batch, mesh, rules), None)
     losses.append(metrics['loss'][0] / metrics['loss'][1])
   return np.asarray(losses), [np.asarray(p) for p in jax.tree.leaves(state.params)]
 

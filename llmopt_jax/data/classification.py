@@ -1,9 +1,9 @@
 """Classification batches: sharded, deterministic, exactly resumable, tokenizer-agnostic.
 
 Texts become ids through an injected `encode(texts) -> (ids, mask, token_types)`, each
-[n, T], so the same pipeline feeds a BERT WordPiece encoder, a Llama BPE decoder, or raw
-bytes (`byte_encoder`, for tiny runs and tests). Every example is its own padded row: no
-packing, since a classifier reads one query at a time.
+[n, T], so the same pipeline feeds a BERT WordPiece encoder, a Llama BPE decoder, or the
+bytes or BPE of a decoder pretrained here (`token_encoder`). Every example is its own padded
+row: no packing, since a classifier reads one query at a time.
 
 Training walks, epoch after epoch, an order of the examples drawn from (seed, epoch), of
 which data shard s of n takes every n-th, so shards are disjoint and together cover the
@@ -19,6 +19,7 @@ Batch (b = rows of this shard, T = seq_len):
   token_types  int32[b, T]   segment ids (BERT); zeros for single texts
   labels       int32[b]
   weights      float32[b]    0 for the padding rows of eval batches
+  index        int32[b]      training batches only: the rows' example ids in the split
 """
 
 from __future__ import annotations
@@ -29,24 +30,29 @@ import numpy as np
 
 from llmopt_jax.data import lm_pipeline
 from llmopt_jax.data.labelled import Split
-from llmopt_jax.data.tokenizers import ByteTokenizer
+from llmopt_jax.data.tokenizers import ByteTokenizer, Tokenizer
 
 Batch = dict[str, np.ndarray]
 Encode = Callable[[list[str]], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
-def byte_encoder(seq_len: int) -> Encode:
-  """UTF-8 bytes behind a leading eos id (a [CLS] stand-in for first-token pooling), cut or
-  padded with `ByteTokenizer.pad_id` to `seq_len`. Needs no files; for tiny runs and tests."""
-  tok = ByteTokenizer()
-
+def token_encoder(tokenizer: Tokenizer, seq_len: int) -> Encode:
+  """A pipeline tokenizer's ids behind a leading eos id, cut or padded with its pad id to
+  `seq_len`. The eos is where every document of a packed LM stream starts (the previous one
+  ended there), so a decoder pretrained by this project reads a query as it read documents;
+  it also stands in for [CLS] under first-token pooling."""
   def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    ids = np.full((len(texts), seq_len), tok.pad_id, np.int32)
+    ids = np.full((len(texts), seq_len), tokenizer.pad_id, np.int32)
     for row, text in enumerate(texts):
-      seq = np.concatenate([[tok.eos_id], tok.encode(text)])[:seq_len]
+      seq = np.concatenate([[tokenizer.eos_id], tokenizer.encode(text)])[:seq_len]
       ids[row, :len(seq)] = seq
-    return ids, ids != tok.pad_id, np.zeros_like(ids)
+    return ids, ids != tokenizer.pad_id, np.zeros_like(ids)
   return encode
+
+
+def byte_encoder(seq_len: int) -> Encode:
+  """`token_encoder` of UTF-8 bytes: needs no files; for tiny runs and tests."""
+  return token_encoder(ByteTokenizer(), seq_len)
 
 
 def _batch(encode: Encode, texts: list[str], labels: np.ndarray, weights: np.ndarray) -> Batch:
@@ -105,8 +111,10 @@ class ClassificationBatches:
       if self._position == len(order):  # An epoch may end inside a batch; go on to the next.
         self._epoch, self._position = self._epoch + 1, 0
     picked = np.concatenate(chunks)
-    return _batch(self._encode, [self._split.texts[i] for i in picked],
-                  self._split.labels[picked], np.ones(len(picked), np.float32))
+    batch = _batch(self._encode, [self._split.texts[i] for i in picked],
+                   self._split.labels[picked], np.ones(len(picked), np.float32))
+    batch['index'] = picked.astype(np.int32)  # for per-example side data (a teacher cache)
+    return batch
 
   def get_state(self) -> dict[str, int]:
     """Where the next row starts: JSON-ready ints."""

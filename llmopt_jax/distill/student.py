@@ -30,7 +30,7 @@ class DistillStudent(nnx.Module):
   def __init__(self, student: nnx.Module, *, student_dim: int, teacher_dim: int,
                num_projections: int, rngs: nnx.Rngs):
     self.student = student
-    self.projections = None
+    self.projections = nnx.data(None)  # data: the List below may replace it
     if num_projections and student_dim != teacher_dim:
       self.projections = nnx.List([
           layers.Dense(student_dim, teacher_dim, ('embed', None), init_std=student_dim ** -0.5,

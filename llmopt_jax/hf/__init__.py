@@ -10,10 +10,10 @@ nothing is ever unpickled.
 """
 
 from llmopt_jax.hf.configs import config_from_hf
-from llmopt_jax.hf.export import export
+from llmopt_jax.hf.export import export, export_classifier
 from llmopt_jax.hf.load import load_pretrained
 from llmopt_jax.hf.minilm import minilm_path
 from llmopt_jax.hf.tokenizer import HFTokenizer, load_tokenizer
 
-__all__ = ['HFTokenizer', 'config_from_hf', 'export', 'load_pretrained', 'load_tokenizer',
-           'minilm_path']
+__all__ = ['HFTokenizer', 'config_from_hf', 'export', 'export_classifier', 'load_pretrained',
+           'load_tokenizer', 'minilm_path']

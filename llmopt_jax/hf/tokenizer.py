@@ -3,6 +3,8 @@
 Every batch comes out at exactly `max_len` tokens, padded on the right, so a jitted model
 compiles once. Special tokens are added as the tokenizer's post-processor defines them
 (BERT's [CLS] ... [SEP], Llama's BOS), as `transformers`' tokenizers do by default.
+`encode` and `eos_id` make the same object a tokenizer of the packed LM pipeline
+(`data.tokenizers.Tokenizer`): whole documents, untruncated, for causal-LM fine-tuning.
 """
 
 from __future__ import annotations
@@ -48,6 +50,20 @@ def _pad_id(tokenizer: tokenizers.Tokenizer, directory: str) -> int:
   return 0
 
 
+def _eos_id(tokenizer: tokenizers.Tokenizer, directory: str) -> int | None:
+  """The end-of-text id: the model's `eos_token_id`, else the side files' eos token."""
+  value = _read_json(directory, 'config.json').get('eos_token_id')
+  value = value[0] if isinstance(value, list) else value
+  if isinstance(value, int):
+    return value
+  for name in ('tokenizer_config.json', 'special_tokens_map.json'):
+    token = _read_json(directory, name).get('eos_token')
+    token = token.get('content') if isinstance(token, dict) else token
+    if token is not None and tokenizer.token_to_id(token) is not None:
+      return tokenizer.token_to_id(token)
+  return None
+
+
 class HFTokenizer:
   """Texts -> {'tokens', 'padding_mask'(, 'token_types')}: int32 [B, max_len] each, named
   like the model's arguments so `model(**batch)` works."""
@@ -61,6 +77,10 @@ class HFTokenizer:
     if max_len < 1:
       raise ValueError(f'max_len must be >= 1, got {max_len}')
     self._tokenizer = tokenizers.Tokenizer.from_file(file)
+    self._documents = tokenizers.Tokenizer.from_file(file)  # `encode`: no padding, no cut
+    self._documents.no_truncation()
+    self._documents.no_padding()
+    self._directory = directory
     self.max_len = max_len
     self.pad_id = _pad_id(self._tokenizer, directory)
     if token_types is None:  # BERT's embeddings read them; decoders have no such input
@@ -89,6 +109,20 @@ class HFTokenizer:
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  @property
+  def eos_id(self) -> int:
+    """Ends each document in a packed LM stream; a one-line error when the model has none."""
+    eos = _eos_id(self._tokenizer, self._directory)
+    if eos is None:
+      raise ValueError(f'{self._directory}: no end-of-text token (config.json eos_token_id or '
+                       f'tokenizer_config.json eos_token), which LM fine-tuning needs')
+    return eos
+
+  def encode(self, text: str) -> np.ndarray:
+    """int32 ids of a whole document, with the post-processor's specials (Llama's BOS), so
+    a packed document starts as the model saw documents start."""
+    return np.asarray(self._documents.encode(text).ids, np.int32)
 
 
 def load_tokenizer(path: str, max_len: int, *, token_types: bool | None = None) -> HFTokenizer:

@@ -13,6 +13,8 @@ import ml_collections
 STAGES = {
     'pretrain': 'llmopt_jax.stages.pretrain',
     'finetune': 'llmopt_jax.stages.finetune',
+    'finetune_lm': 'llmopt_jax.stages.finetune_lm',
+    'distill': 'llmopt_jax.stages.distill',
 }
 
 

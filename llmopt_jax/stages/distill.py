@@ -2,8 +2,8 @@
 
 Chain: the teacher (a finished fine-tune or pretrain workdir, or trained first inside
 <workdir>/teacher) -> its parameters on the mesh as the step's constants -> two students of
-the same size from the same start (the teacher's embeddings, head and every k-th block, or
-scratch): one on the labels only (<workdir>/student_labels), one distilled
+the same size from the same start (every k-th block of the pretrained model the teacher was
+fine-tuned from, or of the teacher itself, or scratch): one on the labels only (<workdir>/student_labels), one distilled
 (<workdir>/student_kd), each through the spine's loop with its own checkpoints -> every model
 scored on the same held-out batches, sized from its arrays, timed at batch 1 and 64 ->
 report.md / report.json.
@@ -33,6 +33,12 @@ from llmopt_jax.hf.load import build
 from llmopt_jax.stages import distill_tasks
 from llmopt_jax.train import loop, step as step_lib, trained
 
+# Where a student's weights start: the layers of the model the teacher was fine-tuned from
+# (the controlled comparison: the label-only student sees nothing of the trained teacher), of
+# the trained teacher itself (DistilBERT-style; the label-only student then inherits the
+# teacher's task knowledge through its weights), or random.
+STUDENT_INITS = ('pretrained', 'teacher', 'scratch')
+
 # What a finished teacher run leaves behind, by task.
 _FINISHED = {'classification': 'report.json', 'lm': 'summary.json'}
 
@@ -60,7 +66,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if config.distill.baseline:
     runs.insert(0, ('student_labels', False))
   for name, distilled in runs:
-    task = _student_task(config, workdir, base_task, teacher, problem, distilled)
+    task = student_task(config, workdir, base_task, teacher, problem, distilled)
     subdir = os.path.join(workdir, name)
     _log(f'Training {name} ({"distilled" if distilled else "labels only"}) in {subdir}.')
     loop.train(config, subdir, task)
@@ -110,15 +116,18 @@ def _load_teacher(config, teacher_dir: str, problem) -> Teacher:
   return Teacher(teacher_dir, graphdef, params, model.config, head)
 
 
-def _student_task(config, workdir: str, base: loop.Task, teacher: Teacher, problem,
+def student_task(config, workdir: str, base: loop.Task, teacher: Teacher, problem,
                   distilled: bool) -> loop.Task:
   """The base task (data, eval) with a student model and, if `distilled`, the KD loss."""
   ls, lt = config.student.num_layers, teacher.config.num_layers
   if not 1 <= ls <= lt:
     raise ValueError(f'config.student.num_layers={ls}; must lie in [1, {lt}] (the teacher\'s)')
-  if config.student.init not in ('teacher', 'scratch'):
-    raise ValueError(f"config.student.init={config.student.init!r}; choose 'teacher' or "
-                     f"'scratch'")
+  if config.student.init not in STUDENT_INITS:
+    raise ValueError(f'config.student.init={config.student.init!r}; choose from '
+                     f'{STUDENT_INITS}')
+  if config.student.init == 'pretrained' and base.pretrained is None:
+    raise ValueError('config.student.init=pretrained: this task has no pretrained starting '
+                     'point; use teacher or scratch')
   spec = objective.DistillConfig.from_config(config.distill, config.train.num_steps, ls, lt)
   student_config = teacher.config.replace(
       num_layers=ls, dtype=config.student.dtype, param_dtype='float32')
@@ -130,11 +139,13 @@ def _student_task(config, workdir: str, base: loop.Task, teacher: Teacher, probl
         build(student_config, teacher.head, rngs), student_dim=student_config.embed_dim,
         teacher_dim=teacher.config.embed_dim, num_projections=projections, rngs=rngs)
 
-  def from_teacher(mesh, rules) -> nnx.State:
+  def from_layers(mesh, rules) -> nnx.State:
+    """Every k-th block (and the rest) of the pretrained model or of the trained teacher."""
     abstract = nnx.state(nnx.eval_shape(lambda: build_model(nnx.Rngs(config.seed))), nnx.Param)
     fresh = jax.jit(lambda: nnx.state(build_model(nnx.Rngs(config.seed)), nnx.Param),
                     out_shardings=sharding.tree_shardings(abstract, mesh, rules))()
-    return student_lib.from_teacher(fresh, teacher.params, layers)
+    source = teacher.params if config.student.init == 'teacher' else base.pretrained(mesh, rules)
+    return student_lib.from_teacher(fresh, source, layers)
 
   if distilled:
     loss_fn = objective.make_loss_fn(spec, problem.io, teacher.graphdef)
@@ -147,7 +158,7 @@ def _student_task(config, workdir: str, base: loop.Task, teacher: Teacher, probl
   return dataclasses.replace(
       base, build_model=build_model, loss_fn=loss_fn,
       eval_fn=lambda model, batch: base.eval_fn(model.student, batch), train_data=train_data,
-      pretrained=from_teacher if config.student.init == 'teacher' else None,
+      pretrained=None if config.student.init == 'scratch' else from_layers,
       constants=(lambda mesh, rules: teacher.params) if distilled and spec.mode == 'online'
       else None,
       extend_params=None, params_transform=None, frozen=None)

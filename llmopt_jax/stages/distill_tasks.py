@@ -58,8 +58,7 @@ def _tile(batch: dict[str, np.ndarray], n: int, keys: tuple[str, ...]) -> dict[s
 # ---- Classification: a fine-tuned encoder into a shallower one -----------------------------
 
 def _classify(model, batch, rngs=None, intermediates=False):
-  out = model(batch['tokens'], token_types=batch['token_types'],
-              padding_mask=batch['padding_mask'], rngs=rngs, intermediates=intermediates)
+  out = finetune.classifier_logits(model, batch, rngs, intermediates)
   return out if intermediates else (out, None)
 
 

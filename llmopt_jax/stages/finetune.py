@@ -1,9 +1,11 @@
-"""Stage `finetune`: a pretrained Hugging Face model fine-tuned as a sequence classifier.
+"""Stage `finetune`: a pretrained model fine-tuned as a sequence classifier.
 
-Chain: labelled texts (Banking77, CLINC150 or a user's CSV/TSV/JSONL) -> the checkpoint's own
-tokenizer -> pretrained backbone + a new pooling/classification head -> the shared loop
-(full fine-tuning, frozen parts, or LoRA) -> the best checkpoint scored on the test split
-(accuracy, macro-F1, per-class F1) -> report.json/report.md and a merged Hugging Face export.
+Chain: labelled texts (Banking77, CLINC150 or a user's CSV/TSV/JSONL) -> the starting point's
+own tokenizer -> pretrained backbone (a Hugging Face model, or a pretrain workdir's decoder:
+`starting_point`) + a new pooling/classification head -> the shared loop (full fine-tuning,
+frozen parts, or LoRA) -> the best checkpoint scored on the test split (accuracy, macro-F1,
+per-class F1) -> report.json/report.md and a merged Hugging Face export (`finetune_export`).
+The causal-LM variant (`finetune_lm`) shares the PEFT wiring, counting and report writing.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from llmopt_jax import classification_metrics, distributed, hf, lora, optim
+from llmopt_jax import classification_metrics, distributed, lora, optim
 from llmopt_jax import workdir as workdir_lib
 from llmopt_jax.data import classification, intents, labelled, lm_pipeline
-from llmopt_jax.hf import configs as hf_configs
-from llmopt_jax.hf.load import build, read_config
+from llmopt_jax.hf.load import build
 from llmopt_jax.models.heads import HeadConfig
+from llmopt_jax.stages import finetune_export, starting_point
 from llmopt_jax.train import loop, trained
 
 
@@ -33,7 +35,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   optim.make_optimizer(config.optim, config.train.num_steps)  # a bad field fails before data work
   started = time.perf_counter()
   task, parts = build_task(config, lora_cfg)
-  _describe(task, parts, config)
+  describe(parts, config, f'{config.data.name} {parts["sizes"]}, {parts["head"].num_labels} '
+           f'classes')
   summary = loop.train(config, workdir, task)
   sums = trained.evaluate_checkpoint(config, workdir, task, summary['best_step'], parts['test'])
   report = classification_metrics.classification_report(
@@ -43,12 +46,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 trainable_params=parts['trainable'], total_params=parts['total'],
                 data=parts['splits'].metadata(), model=parts['model_dir'],
                 peft=config.peft.method)
-  _write_report(workdir, report)
-  return {**summary, 'test': report}
-
-
-def _model_dir(config: ml_collections.ConfigDict) -> str:
-  return hf.minilm_path() if config.init.model == 'minilm' else config.init.model
+  write_report(workdir, report, [
+      ('test accuracy', f'{report["accuracy"]:.4f}'),
+      ('test macro-F1', f'{report["macro_f1"]:.4f}'),
+  ], f'Test accuracy {report["accuracy"]:.4f}, macro-F1 {report["macro_f1"]:.4f}')
+  exported = finetune_export.export(config, workdir, task, parts['start'], head=parts['head'],
+                                    labels=parts['splits'].label_names)
+  return {**summary, 'test': report, 'export': exported}
 
 
 def build_task(config: ml_collections.ConfigDict,
@@ -61,21 +65,10 @@ def build_task(config: ml_collections.ConfigDict,
       validation_fraction=data.validation_fraction)
   if 'test' not in splits.splits:
     raise ValueError(f'config.data: {data.name} has no test split; set config.data.test_path')
-  model_dir = _model_dir(config)
-  tokenizer = hf.load_tokenizer(model_dir, data.max_len)
-  backbone, _ = hf_configs.from_hf(read_config(model_dir))
-  backbone = backbone.replace(dropout_rate=config.init.dropout_rate, lm_head=False)
+  start = starting_point.resolve(config)
+  backbone = start.model.replace(lm_head=False)
   head = HeadConfig(splits.num_classes, config.head.pooling)
-
-  def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    batch = tokenizer(texts)
-    types = batch.get('token_types', np.zeros_like(batch['tokens']))
-    return batch['tokens'], batch['padding_mask'], types
-
-  def pretrained(mesh, rules) -> nnx.State:
-    model, _ = hf.load_pretrained(model_dir, mesh=mesh, rules=rules, head=head,
-                                  seed=config.seed, dropout_rate=config.init.dropout_rate)
-    return nnx.state(model, nnx.Param)
+  encode = start.encoder(data.max_len)
 
   processes, me = jax.process_count(), jax.process_index()
   per_process = config.train.batch_size // processes
@@ -93,13 +86,13 @@ def build_task(config: ml_collections.ConfigDict,
   def loss_fn(model, batch, rngs, context=None):
     del context
     sums = classification_metrics.classification_sums(
-        _logits(model, batch, rngs), batch['labels'], batch['weights'],
+        classifier_logits(model, batch, rngs), batch['labels'], batch['weights'],
         label_smoothing=smoothing, confusion=False)
     return sums['loss'][0], sums['loss'][1], sums
 
   def eval_fn(model, batch):
     return classification_metrics.classification_sums(
-        _logits(model, batch, None), batch['labels'], batch['weights'])
+        classifier_logits(model, batch), batch['labels'], batch['weights'])
 
   task = loop.Task(
       build_model=lambda rngs: build(backbone, head, rngs),
@@ -108,16 +101,25 @@ def build_task(config: ml_collections.ConfigDict,
       train_data=train_data,
       eval_data=lambda: validation,
       count_tokens=lambda batch: batch['tokens'].size,
-      pretrained=pretrained,
-      extend_params=None if lora_cfg is None else (
-          lambda p: lora.add_adapters(p, lora_cfg, jax.random.key(config.seed))),
-      params_transform=None if lora_cfg is None else lora.params_transform(lora_cfg),
-      frozen=None if lora_cfg is None else lora.is_frozen(lora_cfg),
+      pretrained=start.pretrained(head),
+      **peft_fields(lora_cfg, config.seed),
   )
-  trainable, total = _count(task, config)
-  parts = dict(splits=splits, test=eval_split('test', config.test_batches), model_dir=model_dir,
-               trainable=trainable, total=total)
+  trainable, total = count_params(task, config)
+  parts = dict(splits=splits, test=eval_split('test', config.test_batches), encode=encode,
+               model_dir=start.path, trainable=trainable, total=total, start=start, head=head,
+               sizes={name: len(split) for name, split in splits.splits.items()})
   return task, parts
+
+
+def peft_fields(lora_cfg: lora.LoraConfig | None, seed: int) -> dict[str, Any]:
+  """The `Task` fields of LoRA (none without it): adapters added at init, merged in every
+  step, base weights frozen."""
+  if lora_cfg is None:
+    return {}
+  return dict(
+      extend_params=lambda p: lora.add_adapters(p, lora_cfg, jax.random.key(seed)),
+      params_transform=lora.params_transform(lora_cfg),
+      frozen=lora.is_frozen(lora_cfg))
 
 
 def _subset_order(split, limit: int):
@@ -129,12 +131,16 @@ def _subset_order(split, limit: int):
   return labelled.Split(tuple(split.texts[i] for i in order), split.labels[order])
 
 
-def _logits(model, batch, rngs):
-  return model(batch['tokens'], token_types=batch['token_types'],
-               padding_mask=batch['padding_mask'], rngs=rngs)
+def classifier_logits(model, batch, rngs=None, intermediates: bool = False):
+  """A `SequenceClassifier`'s logits [B, C] for a classification batch (and, with
+  `intermediates`, its backbone's `Intermediates`); dropout only when `rngs` is given."""
+  # Only BERT has token-type embeddings; the batches always carry the (zero) types.
+  types = batch['token_types'] if model.config.type_vocab_size else None
+  return model(batch['tokens'], token_types=types, padding_mask=batch['padding_mask'],
+               rngs=rngs, intermediates=intermediates)
 
 
-def _count(task: loop.Task, config: ml_collections.ConfigDict) -> tuple[int, int]:
+def count_params(task: loop.Task, config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(trainable, total) parameter entries of the trainable tree, from shapes alone."""
   def params():
     p = nnx.state(task.build_model(nnx.Rngs(0)), nnx.Param)
@@ -144,31 +150,32 @@ def _count(task: loop.Task, config: ml_collections.ConfigDict) -> tuple[int, int
   return lora.count_trainable(abstract, mask)
 
 
-def _describe(task: loop.Task, parts: dict[str, Any], config: ml_collections.ConfigDict) -> None:
+def describe(parts: dict[str, Any], config: ml_collections.ConfigDict, data: str) -> None:
+  """One line on what is fine-tuned on what, and how much of it trains."""
   if jax.process_index() != 0:
     return
-  sizes = {name: len(split) for name, split in parts['splits'].splits.items()}
-  print(f'Fine-tuning {parts["model_dir"]} on {config.data.name} {sizes}, '
-        f'{parts["splits"].num_classes} classes; trainable parameters {parts["trainable"]:,} '
-        f'of {parts["total"]:,} ({100 * parts["trainable"] / parts["total"]:.2f}%, '
-        f'peft={config.peft.method}).', flush=True)
+  print(f'Fine-tuning {parts["model_dir"]} ({parts["start"].source}) on {data}; trainable '
+        f'parameters {parts["trainable"]:,} of {parts["total"]:,} '
+        f'({100 * parts["trainable"] / parts["total"]:.2f}%, peft={config.peft.method}).',
+        flush=True)
 
 
-def _write_report(workdir: str, report: dict[str, Any]) -> None:
+def write_report(workdir: str, report: dict[str, Any], rows: list[tuple[str, str]],
+                 headline: str) -> None:
+  """report.json (everything) and report.md (the headline `rows`, then best step,
+  parameters and wall time); `headline` is also printed."""
   if jax.process_index() != 0:
     return
   with open(os.path.join(workdir, 'report.json'), 'w', encoding='utf-8') as f:
     json.dump(report, f, indent=2)
-  lines = [
-      '| metric | value |', '| --- | --- |',
-      f'| test accuracy | {report["accuracy"]:.4f} |',
-      f'| test macro-F1 | {report["macro_f1"]:.4f} |',
-      f'| best step | {report["best_step"]} |',
-      f'| trainable / total parameters | {report["trainable_params"]:,} / '
-      f'{report["total_params"]:,} |',
-      f'| wall time | {report["wall_time_s"]:.0f} s |',
+  rows = rows + [
+      ('best step', str(report['best_step'])),
+      ('trainable / total parameters',
+       f'{report["trainable_params"]:,} / {report["total_params"]:,}'),
+      ('wall time', f'{report["wall_time_s"]:.0f} s'),
   ]
+  lines = ['| metric | value |', '| --- | --- |'] + [f'| {k} | {v} |' for k, v in rows]
   with open(os.path.join(workdir, 'report.md'), 'w', encoding='utf-8') as f:
     f.write('\n'.join(lines) + '\n')
-  print(f'Test accuracy {report["accuracy"]:.4f}, macro-F1 {report["macro_f1"]:.4f} '
-        f'(best step {report["best_step"]}); report in {workdir}/report.md', flush=True)
+  print(f'{headline} (best step {report["best_step"]}); report in {workdir}/report.md',
+        flush=True)

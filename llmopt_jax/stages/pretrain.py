@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -38,30 +39,45 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def build_task(config: ml_collections.ConfigDict, workdir: str) -> tuple[loop.Task, Any]:
   """Data, tokenizer and model for next-token prediction, as the loop's `Task`."""
   data = config.data
-  load = functools.partial(
-      sources.load_text_source, data.name, data_dir=data.tfds_data_dir or None,
-      text_field=data.text_field, path=data.path)
-  train_source, eval_source = load(data.train_split), load(data.eval_split)
+  train_source, eval_source = text_sources(data)
   tokenizer = tokenizers.get_tokenizer(
       data.tokenizer, vocab_size=data.vocab_size, path=os.path.join(workdir, 'tokenizer.json'),
       train_texts=lambda: lm_pipeline.iter_texts(train_source))
 
   model_config = TransformerConfig.from_dict({
       **config.model.to_dict(), 'vocab_size': _round_up(tokenizer.vocab_size, VOCAB_MULTIPLE)})
+  task = lm_task(config, train_source, eval_source, tokenizer,
+                 lambda rngs: Transformer(model_config, rngs=rngs))
+  return task, model_config
+
+
+def text_sources(
+    data: ml_collections.ConfigDict) -> tuple[sources.TextSource, sources.TextSource]:
+  """The (train, eval) documents `config.data` names; the LM fine-tune reads them too."""
+  load = functools.partial(
+      sources.load_text_source, data.name, data_dir=data.tfds_data_dir or None,
+      text_field=data.text_field, path=data.path)
+  return load(data.train_split), load(data.eval_split)
+
+
+def lm_task(config: ml_collections.ConfigDict, train_source: sources.TextSource,
+            eval_source: sources.TextSource, tokenizer: tokenizers.Tokenizer,
+            build_model: Callable[[nnx.Rngs], nnx.Module]) -> loop.Task:
+  """Next-token prediction on packed sequences of `tokenizer`'s ids, for any causal model:
+  pretraining builds a fresh one, the LM fine-tune adds its starting weights to this Task."""
   train_data = lm_pipeline.ShardedBatches([
       lm_pipeline.LMBatches(
-          train_source, tokenizer, seq_len=data.seq_len, batch_size=rows, seed=config.seed,
-          shard_index=shard, shard_count=count)
+          train_source, tokenizer, seq_len=config.data.seq_len, batch_size=rows,
+          seed=config.seed, shard_index=shard, shard_count=count)
       for shard, rows, count in distributed.data_shards(config)])
   eval_data = _eval_batches(config, eval_source, tokenizer)
-  task = loop.Task(
-      build_model=lambda rngs: Transformer(model_config, rngs=rngs),
+  return loop.Task(
+      build_model=build_model,
       loss_fn=losses.lm_loss,
       eval_fn=losses.lm_eval,
       train_data=train_data,
       eval_data=lambda: eval_data,
   )
-  return task, model_config
 
 
 def _eval_batches(config: ml_collections.ConfigDict, source, tokenizer) -> list[dict]:

@@ -6,7 +6,7 @@ tensor parallelism saves on each device. The compiled step adds XLA's own accoun
 arguments, outputs and temporaries (activations, gathered weights, gradients); XLA compiles
 one program per device under SPMD, so its figures are per device too.
 
-  print(memory.report(abstract_state, train_step.lower(state, batch).compile()))
+  print(memory.report(abstract_state, train_step.lower(state, batch, None).compile()))
 """
 
 from __future__ import annotations
