@@ -55,6 +55,7 @@ class Teacher:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
+  _check_fields(config)  # before the teacher, which may take a while to train
   teacher_dir = _ensure_teacher(config, workdir)
   problem = distill_tasks.make(config, teacher_dir)
   mesh, rules = sharding.from_config(config.mesh)
@@ -82,6 +83,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def _log(message: str) -> None:
   if jax.process_index() == 0:
     print(message, flush=True)
+
+
+def _check_fields(config: ml_collections.ConfigDict) -> None:
+  """The distill and student fields that can be checked without knowing the teacher."""
+  if config.student.init not in STUDENT_INITS:
+    raise ValueError(f'config.student.init={config.student.init!r}; choose from '
+                     f'{STUDENT_INITS}')
+  if config.student.num_layers < 1:
+    raise ValueError(f'config.student.num_layers={config.student.num_layers}; must be >= 1')
+  fields = ml_collections.ConfigDict(config.distill.to_dict())
+  fields.layer_map = ''  # checked against the teacher's depth once it is known
+  objective.DistillConfig.from_config(fields, config.train.num_steps, 1, 1)
 
 
 def _ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> str:
