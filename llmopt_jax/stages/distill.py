@@ -71,7 +71,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     subdir = os.path.join(workdir, name)
     _log(f'Training {name} ({"distilled" if distilled else "labels only"}) in {subdir}.')
     loop.train(config, subdir, task)
-    graphdef, params = trained.load_params(config, subdir, task)
+    _, params = trained.load_params(config, subdir, task)
     student_graphdef = nnx.graphdef(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))).student)
     rows.append(_variant(name, student_graphdef, params['student'], problem, config, mesh, rules))
   report = {'rows': rows, 'wall_time_s': time.perf_counter() - started,
@@ -135,9 +135,7 @@ def student_task(config, workdir: str, base: loop.Task, teacher: Teacher, proble
   ls, lt = config.student.num_layers, teacher.config.num_layers
   if not 1 <= ls <= lt:
     raise ValueError(f'config.student.num_layers={ls}; must lie in [1, {lt}] (the teacher\'s)')
-  if config.student.init not in STUDENT_INITS:
-    raise ValueError(f'config.student.init={config.student.init!r}; choose from '
-                     f'{STUDENT_INITS}')
+  _check_fields(config)
   if config.student.init == 'pretrained' and base.pretrained is None:
     raise ValueError('config.student.init=pretrained: this task has no pretrained starting '
                      'point; use teacher or scratch')

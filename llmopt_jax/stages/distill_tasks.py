@@ -23,7 +23,7 @@ from llmopt_jax.data import classification
 from llmopt_jax.distill import cache
 from llmopt_jax.distill.objective import ModelIO
 from llmopt_jax.stages import finetune, pretrain
-from llmopt_jax.train import loop
+from llmopt_jax.train import loop, trained
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +118,6 @@ def _next_token(model, batch, rngs=None, intermediates=False):
 
 
 def _language_model(config: ml_collections.ConfigDict, teacher_dir: str) -> Problem:
-  from llmopt_jax.train import trained  # noqa: PLC0415  (import cycle through the loop)
   # The student reads the teacher's corpus through the teacher's tokenizer.
   student_config = ml_collections.ConfigDict(config.to_dict())
   student_config.data = trained.read_config(teacher_dir).data
