@@ -83,9 +83,9 @@ class Attention(nnx.Module):
     """Queries [B,T,N,H] and keys, values [B,S,K,H]; RoPE on queries and keys if the family
     uses it."""
     x = x.astype(self.dtype)
-    q = jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(self.dtype))
-    k = jnp.einsum('BSD,DKH->BSKH', x, self.k[...].astype(self.dtype))
-    v = jnp.einsum('BSD,DKH->BSKH', x, self.v[...].astype(self.dtype))
+    q = layers.contract('BTD,DNH->BTNH', x, self.q, self.dtype)
+    k = layers.contract('BSD,DKH->BSKH', x, self.k, self.dtype)
+    v = layers.contract('BSD,DKH->BSKH', x, self.v, self.dtype)
     q = layers.maybe_bias(q, self.q_bias)
     k = layers.maybe_bias(k, self.k_bias)
     v = layers.maybe_bias(v, self.v_bias)
@@ -124,5 +124,5 @@ class Attention(nnx.Module):
     out = jnp.einsum('BKGTS,BSKH->BTKGH', dropped.astype(self.dtype), v)
     b, t, k_heads, g, h = out.shape
     out = out.reshape(b, t, k_heads * g, h)  # [B, T, N, H], query head n = k * G + g
-    out = jnp.einsum('BTNH,NHD->BTD', out, self.o[...].astype(self.dtype))
+    out = layers.contract('BTNH,NHD->BTD', out, self.o, self.dtype)
     return layers.maybe_bias(out, self.o_bias), probs.reshape(b, k_heads * g, t, -1)

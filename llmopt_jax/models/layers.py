@@ -63,6 +63,29 @@ def maybe_bias(x: jax.Array, bias: Bias | None) -> jax.Array:
   return x if bias is None else bias(x)
 
 
+def contract(spec: str, x: jax.Array, kernel: nnx.Variable, dtype: jnp.dtype,
+             **einsum_kwargs) -> jax.Array:
+  """`einsum(spec, x, kernel)` in `dtype`, for every weight matrix of every model.
+
+  A kernel holding a plain array is cast and contracted here; any other value (a quantized
+  kernel, `quant.kernels`) contracts itself, so a parameter tree with integer weights in
+  place of float ones runs the same model classes.
+  """
+  w = kernel.get_value()
+  if isinstance(w, jax.Array):
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), **einsum_kwargs)
+  return w.einsum(spec, x, dtype)
+
+
+def lookup(table: nnx.Variable, ids: jax.Array, dtype: jnp.dtype | None = None) -> jax.Array:
+  """Rows `ids` of an embedding table (plain or quantized, as in `contract`)."""
+  w = table.get_value()
+  if isinstance(w, jax.Array):
+    rows = jnp.take(w, ids, axis=0)
+    return rows if dtype is None else rows.astype(dtype)
+  return w.take(ids, jnp.float32 if dtype is None else dtype)
+
+
 class Dense(nnx.Module):
   """x @ kernel + bias for the small heads (pooler, classifier): kernel [in, out]."""
 
@@ -75,7 +98,7 @@ class Dense(nnx.Module):
         rngs, jax.nn.initializers.zeros, (out_dim,), param_dtype, axes[1:]) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.einsum('...I,IO->...O', x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = contract('...I,IO->...O', x, self.kernel, self.dtype)
     return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
@@ -91,7 +114,7 @@ class Embed(nnx.Module):
     self.embedding = param(rngs, normal(init_std), (num, dim), param_dtype, (None, 'embed'))
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding[...], ids, axis=0)
+    return lookup(self.embedding, ids)
 
 
 class RMSNorm(nnx.Module):
@@ -183,13 +206,13 @@ class Mlp(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    up = jnp.einsum('BTD,DF->BTF', x, self.up[...].astype(self.dtype))
+    up = contract('BTD,DF->BTF', x, self.up, self.dtype)
     up = maybe_bias(up, self.up_bias)
     act = ACTIVATIONS[self.activation]
     if self.gate is None:
       hidden = act(up)
     else:
-      hidden = act(jnp.einsum('BTD,DF->BTF', x, self.gate[...].astype(self.dtype))) * up
+      hidden = act(contract('BTD,DF->BTF', x, self.gate, self.dtype)) * up
     hidden = sharding.constrain(hidden, ('batch', 'length', 'mlp'))
-    out = jnp.einsum('BTF,FD->BTD', hidden, self.down[...].astype(self.dtype))
+    out = contract('BTF,FD->BTD', hidden, self.down, self.dtype)
     return maybe_bias(out, self.down_bias)

@@ -121,7 +121,7 @@ class Transformer(nnx.Module):
             token_types: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
     """The residual stream [B,T,D] at the input: token embeddings, plus the learned position
     and token-type embeddings of the families that have them (BERT then normalises)."""
-    x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+    x = layers.lookup(self.embedding, tokens, self.dtype)
     if self.position_embed is not None:
       positions = jnp.arange(tokens.shape[1]) if positions is None else positions
       x = x + self.position_embed(jnp.broadcast_to(positions, tokens.shape)).astype(self.dtype)
@@ -185,11 +185,11 @@ class Transformer(nnx.Module):
                        'use encode() or a head from models.heads')
     x = hidden.astype(self.dtype)
     if self.lm_head is None:
-      logits = jnp.einsum('BTD,VD->BTV', x, self.embedding[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+      logits = layers.contract('BTD,VD->BTV', x, self.embedding, self.dtype,
+                               preferred_element_type=jnp.float32)
     else:
-      logits = jnp.einsum('BTD,DV->BTV', x, self.lm_head[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+      logits = layers.contract('BTD,DV->BTV', x, self.lm_head, self.dtype,
+                               preferred_element_type=jnp.float32)
     return sharding.constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
   def unembed(self, x: jax.Array) -> jax.Array:

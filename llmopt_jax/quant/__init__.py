@@ -1,0 +1,1 @@
+"""Quantization: rules, numerics, quantized kernels, storage."""
