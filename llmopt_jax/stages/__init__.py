@@ -15,6 +15,8 @@ STAGES = {
     'finetune': 'llmopt_jax.stages.finetune',
     'finetune_lm': 'llmopt_jax.stages.finetune_lm',
     'distill': 'llmopt_jax.stages.distill',
+    'ptq': 'llmopt_jax.stages.ptq',
+    'qat': 'llmopt_jax.stages.qat',
 }
 
 

@@ -62,7 +62,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   teacher = _load_teacher(config, teacher_dir, problem)
   base_task = problem.student_task
 
-  rows = [_variant('teacher', teacher.graphdef, teacher.params, problem, config, mesh, rules)]
+  rows = [variant_row('teacher', teacher.graphdef, teacher.params, problem, config, mesh, rules)]
   runs = [('student_kd', True)]
   if config.distill.baseline:
     runs.insert(0, ('student_labels', False))
@@ -73,7 +73,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     loop.train(config, subdir, task)
     _, params = trained.load_params(config, subdir, task)
     student_graphdef = nnx.graphdef(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))).student)
-    rows.append(_variant(name, student_graphdef, params['student'], problem, config, mesh, rules))
+    rows.append(
+        variant_row(name, student_graphdef, params['student'], problem, config, mesh, rules))
   report = {'rows': rows, 'wall_time_s': time.perf_counter() - started,
             'teacher_workdir': teacher_dir, 'distill': config.distill.to_dict()}
   _write_report(workdir, report, problem)
@@ -175,7 +176,27 @@ def student_task(config, workdir: str, base: loop.Task, teacher: Teacher, proble
       extend_params=None, params_transform=None, frozen=None)
 
 
-def _variant(name: str, graphdef: nnx.GraphDef, params: nnx.State, problem, config, mesh,
+def load_student(distill_dir: str, name: str = 'student_kd'
+                 ) -> tuple[nnx.GraphDef, nnx.State, Any, Any]:
+  """(graphdef, params on the run's mesh, model config, head) of the best checkpoint of
+  student `name` ('student_kd' or 'student_labels') of the finished distill run in
+  `distill_dir`, e.g. to quantize it."""
+  config = trained.read_config(distill_dir)
+  subdir = os.path.join(distill_dir, name)
+  if name not in ('student_kd', 'student_labels') or not os.path.isdir(subdir):
+    raise ValueError(f'{distill_dir} has no student {name!r}; choose student_kd or '
+                     f'student_labels')
+  teacher_dir = config.teacher.workdir or os.path.join(distill_dir, 'teacher')
+  problem = distill_tasks.make(config, teacher_dir)
+  teacher = _load_teacher(config, teacher_dir, problem)
+  task = student_task(config, distill_dir, problem.student_task, teacher, problem,
+                      distilled=name == 'student_kd')
+  _, params = trained.load_params(config, subdir, task)
+  student = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))).student
+  return nnx.graphdef(student), params['student'], student.config, getattr(student, 'head', None)
+
+
+def variant_row(name: str, graphdef: nnx.GraphDef, params: nnx.State, problem, config, mesh,
              rules) -> dict[str, Any]:
   """One row of the table: size from the arrays, quality on the held-out batches, latency."""
   eval_step = step_lib.jit_eval_step(

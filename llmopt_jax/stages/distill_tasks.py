@@ -40,6 +40,9 @@ class Problem:
   make_batch: Callable[[int], dict[str, np.ndarray]]  # n queries, for latency
   # (config, workdir, teacher) -> {'values', 'indices'} of every training example
   teacher_cache: Callable[[ml_collections.ConfigDict, str, Any], dict[str, np.ndarray]]
+  # About n training examples, spread over the training set, in batches (quantization's
+  # calibration).
+  calibration_batches: Callable[[int], list[dict[str, np.ndarray]]]
 
 
 def make(config: ml_collections.ConfigDict, teacher_dir: str) -> Problem:
@@ -98,6 +101,12 @@ def _classification(config: ml_collections.ConfigDict) -> Problem:
     return cache.build(workdir, {'teacher': teacher.workdir}, batches,
                        lambda batch: logits(teacher.params, batch), k, len(train))
 
+  def calibration_batches(n: int) -> list[dict[str, np.ndarray]]:
+    train = splits['train']
+    every = max(1, len(train) // n)  # a stride, not a prefix: the CSVs are sorted by label
+    return classification.eval_batches(train, parts['encode'], batch_size=config.train.batch_size,
+                                       shard_count=every)
+
   first = parts['test'][0]
   return Problem(
       description=f'{config.data.name} (test accuracy and macro-F1)', io=io,
@@ -107,7 +116,7 @@ def _classification(config: ml_collections.ConfigDict) -> Problem:
       score_batches=parts['test'], quality=quality, quality_columns=('accuracy', 'macro_f1'),
       forward=lambda model, batch: _classify(model, batch)[0],
       make_batch=lambda n: _tile(first, n, ('tokens', 'token_types', 'padding_mask')),
-      teacher_cache=teacher_cache)
+      teacher_cache=teacher_cache, calibration_batches=calibration_batches)
 
 
 # ---- Language modelling: a pretrained decoder into a shallower one -------------------------
@@ -135,6 +144,14 @@ def _language_model(config: ml_collections.ConfigDict, teacher_dir: str) -> Prob
     means = metrics_lib.finalize(sums)
     return {'val_loss': means['loss'], 'val_perplexity': means['perplexity']}
 
+  def calibration_batches(n: int) -> list[dict[str, np.ndarray]]:
+    # A fresh pipeline: the task's own iterator is left where training expects it.
+    data = pretrain.build_task(student_config, teacher_dir)[0].train_data
+    batches = [next(data)]
+    while sum(len(b['inputs']) for b in batches) < n:
+      batches.append(next(data))
+    return batches
+
   score_batches = list(task.eval_data())
   return Problem(
       description=f'{student_config.data.name} (validation loss and perplexity)', io=io,
@@ -144,4 +161,4 @@ def _language_model(config: ml_collections.ConfigDict, teacher_dir: str) -> Prob
       quality=quality, quality_columns=('val_loss', 'val_perplexity'),
       forward=lambda model, batch: model(batch['inputs']),
       make_batch=lambda n: _tile(score_batches[0], n, ('inputs',)),
-      teacher_cache=teacher_cache)
+      teacher_cache=teacher_cache, calibration_batches=calibration_batches)

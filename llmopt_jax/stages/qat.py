@@ -1,0 +1,102 @@
+"""Stage `qat`: quantization-aware training from a finished run, beside PTQ of the same run.
+
+Chain: the source (as in the `ptq` stage) -> for every recipe in `config.variants`: the PTQ
+row, then a QAT run in <workdir>/qat-<recipe>/ that starts at the source's weights and trains
+through fake-quantized weights (and activations, if the recipe quantizes them) with
+straight-through gradients; scales follow the weights or are learned (LSQ,
+`quant.scale=learned`); with `qat.distill`, the loss is the distillation objective against
+the float source's logits, the usual recipe for low-bit recovery -> the best QAT checkpoint
+rounded to integers, written to <workdir>/qat-<recipe>/quantized/ and scored beside float32,
+bfloat16 and PTQ -> report.md / .json.
+
+The QAT runs go through the spine's loop (checkpoints, resumption, early stopping on the
+fake-quantized model's validation metric); the float source is never modified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import ml_collections
+from flax import nnx
+
+from llmopt_jax import sharding, workdir as workdir_lib
+from llmopt_jax.distill import objective
+from llmopt_jax.quant import transform
+from llmopt_jax.stages import distill_tasks, quantize
+from llmopt_jax.train import loop, trained
+
+
+@dataclasses.dataclass(frozen=True)
+class _AsStudent:
+  """The distillation objective reads the trained model as `.student` (a DistillStudent's
+  field); QAT distils the logits of a model into its own quantized self, no projections."""
+  student: nnx.Module
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  workdir_lib.prepare(workdir, config)
+  started = time.perf_counter()
+  recipes = quantize.recipes(config, 'variants')  # bad fields fail before any training
+  _check_distill(config)
+  source_dir = quantize.ensure_source(config, workdir)
+  problem = distill_tasks.make(config, source_dir)
+  mesh, rules = sharding.from_config(config.mesh)
+  source = quantize.load_source(config, source_dir, problem)
+  rows = quantize.float_rows(source, problem, config, mesh, rules, workdir)
+  for cfg in recipes:
+    rows.append(quantize.ptq_row(source, problem, cfg, config, mesh, rules, workdir))
+    ranges = quantize.activation_ranges(config, source, source.params, problem, cfg)
+    task = qat_task(config, source, problem, cfg, ranges)
+    subdir = os.path.join(workdir, f'qat-{cfg.name}')
+    quantize.log(f'QAT {cfg.name} in {subdir}.')
+    loop.train(config, subdir, task)
+    # The trained tree as stored (weights, and learned scales under LSQ), not its
+    # fake-quantized view: the integers are rounded from it once more, exactly as in training.
+    _, tree = trained.load_params(config, subdir, dataclasses.replace(task, params_transform=None))
+    params, learned = transform.split(tree)
+    quantized = transform.quantize(params, cfg, ranges, learned)
+    rows.append(quantize.row(f'{cfg.name} QAT', os.path.join(subdir, 'quantized'),
+                             source.graphdef, quantized, source.params, cfg, problem, config,
+                             mesh, rules))
+  report = {'rows': rows, 'source': source_dir, 'wall_time_s': time.perf_counter() - started,
+            'recipe': {k: v for k, v in dataclasses.asdict(recipes[0]).items()
+                       if k not in ('bits', 'granularity')},
+            'distill': config.qat.distill}
+  quantize.write_report(workdir, report, problem, 'Quantization-aware training')
+  return report
+
+
+def _check_distill(config: ml_collections.ConfigDict) -> None:
+  if not config.qat.distill:
+    return
+  if config.distill.hidden_weight or config.distill.attention_weight:
+    raise ValueError('config.distill.hidden_weight / attention_weight: QAT distils logits only '
+                     '(the quantized model is its own student, with no projections); set 0')
+  if config.distill.mode != 'online':
+    raise ValueError(f'config.distill.mode={config.distill.mode!r}: QAT distils online only')
+
+
+def qat_task(config: ml_collections.ConfigDict, source: quantize.Source, problem, cfg,
+             ranges) -> loop.Task:
+  """The source's data and evaluation; its model, started at its trained weights, trained
+  through the recipe's fake quantization; with `qat.distill`, taught by the float source."""
+  base = problem.student_task
+  loss_fn, constants = base.loss_fn, None
+  if config.qat.distill:
+    layers = source.model_config.num_layers
+    spec = objective.DistillConfig.from_config(config.distill, config.train.num_steps, layers,
+                                               layers)
+    kd = objective.make_loss_fn(spec, problem.io, source.graphdef)
+    loss_fn = lambda model, batch, rngs, context: kd(_AsStudent(model), batch, rngs, context)
+    constants = lambda mesh, rules: source.params
+  learned = cfg.scale == 'learned'
+  return dataclasses.replace(
+      base, build_model=source.build, loss_fn=loss_fn,
+      pretrained=lambda mesh, rules: source.params,
+      extend_params=(lambda params: transform.add_scales(params, cfg)) if learned else None,
+      params_transform=transform.params_transform(cfg, ranges), frozen=None,
+      constants=constants)
