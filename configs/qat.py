@@ -53,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 50
   if arg.tiny:
     config.optim.lr = 1e-4 if not lm else 1e-3
+    config.optim.warmup_steps = 2
     config.train.num_steps = 10
     config.train.eval_every = 10
     config.checkpoint.every_steps = 10

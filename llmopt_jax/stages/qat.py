@@ -23,7 +23,7 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
-from llmopt_jax import sharding, workdir as workdir_lib
+from llmopt_jax import optim, sharding, workdir as workdir_lib
 from llmopt_jax.distill import objective
 from llmopt_jax.quant import transform
 from llmopt_jax.stages import distill_tasks, quantize
@@ -42,6 +42,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   started = time.perf_counter()
   recipes = quantize.recipes(config, 'variants')  # bad fields fail before any training
   _check_distill(config)
+  optim.make_optimizer(config.optim, config.train.num_steps)
   source_dir = quantize.ensure_source(config, workdir)
   problem = distill_tasks.make(config, source_dir)
   mesh, rules = sharding.from_config(config.mesh)
