@@ -64,4 +64,6 @@ def quantization(arg: ml_collections.ConfigDict, stage: str) -> ml_collections.C
       if not lm:
         run.test_batches = 2
     config.calibration.examples = 64
+    if lm:
+      config.quant.group_size = 64         # the tiny decoder's MLP is 192 wide
   return config

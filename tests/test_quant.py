@@ -2,8 +2,10 @@
 the integer inference path against fake quantization, calibration methods, config errors,
 target selection, and sharded evaluation of a quantized model.
 
-Tiny models, and few compilations: everything one model needs (float logits, and the
-integer and fake-quant logits of every recipe) is computed by one jitted call, cached.
+Compilation is what costs time here, so each test's arithmetic runs in one jitted call
+(cached where several tests read it): everything one model needs (float logits, and the
+integer-path and fake-quant logits of every recipe) is a single compiled program. Models are
+tiny and their parameters are drawn with numpy, so building one compiles nothing.
 """
 
 import functools
@@ -23,6 +25,10 @@ from llmopt_jax.models import TransformerConfig, heads
 from llmopt_jax.quant import calibration, config, kernels, numerics, transform
 from llmopt_jax.quant.config import QuantConfig
 
+# LLVM's optimisations take most of the compile time of these small programs and buy
+# nothing at this size; the results are IEEE float arithmetic either way.
+jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
+
 LLAMA = TransformerConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4,
                           num_kv_heads=2, head_dim=8, mlp_dim=64, family='llama')
 BERT = TransformerConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4,
@@ -30,26 +36,31 @@ BERT = TransformerConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4,
                          max_positions=16, type_vocab_size=2, lm_head=False)
 HEAD = heads.HeadConfig(num_labels=5, pooling='mean')
 MODELS = {
-    'llama_tied': (LLAMA, None),
+    'llama_tied': (LLAMA, None),  # tie_embeddings=True is the default
     'llama_untied': (LLAMA.replace(tie_embeddings=False), None),
     'bert': (BERT, HEAD),
 }
-# 8 rows: the sharded test splits them over 8 devices.
-TOKENS = np.asarray(jax.random.randint(jax.random.key(1), (8, 8), 0, LLAMA.vocab_size))
+# 8 rows: the sharded test splits them over the 8 devices.
+TOKENS = np.random.default_rng(1).integers(0, LLAMA.vocab_size, size=(8, 8)).astype(np.int32)
 
 RECIPES = {
     'int8': QuantConfig(),
     'int4-g16': QuantConfig(bits=4, granularity='per_group', group_size=16),
+    'int4-asym': QuantConfig(bits=4, symmetric=False),
     'int4-asym-g16': QuantConfig(bits=4, granularity='per_group', group_size=16,
                                  symmetric=False),
-    'int4-asym': QuantConfig(bits=4, symmetric=False),
     'int8-a8dyn': QuantConfig(activations='dynamic'),
+    'int8-a8': QuantConfig(activations='static'),
     'int8-tensor-a8': QuantConfig(granularity='per_tensor', activations='static'),
 }
-# The untied LM differs only by its lm_head: two recipes cover it.
-MODEL_RECIPES = {'llama_tied': tuple(RECIPES), 'bert': tuple(RECIPES),
-                 'llama_untied': ('int8', 'int4-asym-g16')}
-SHARDED_RECIPES = ('int4-asym-g16', 'int8-a8dyn')
+# Every recipe on the tied LM (whose embedding is both looked up and contracted); the BERT
+# classifier's table is only looked up (`QuantizedKernel.take`); the untied LM adds lm_head.
+MODEL_RECIPES = {
+    'llama_tied': ('int8', 'int4-g16', 'int4-asym', 'int8-a8dyn', 'int8-a8'),
+    'bert': ('int8', 'int4-asym-g16', 'int8-tensor-a8'),
+    'llama_untied': ('int4-asym-g16',),
+}
+SHARDED_RECIPES = ('int4-g16', 'int8-a8dyn')
 
 
 def abstract_params(cfg: TransformerConfig, head: heads.HeadConfig | None) -> nnx.State:
@@ -57,13 +68,20 @@ def abstract_params(cfg: TransformerConfig, head: heads.HeadConfig | None) -> nn
 
 
 @functools.cache
-def model(name: str):
-  """(graphdef, float params) of a tiny model, initialised in one compiled call."""
+def model(name: str) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, float params) of a tiny model: random kernels (std 0.1, larger than the
+  init's, so that attention is not uniform), gains near 1, non-zero biases."""
   cfg, head = MODELS[name]
-  build = lambda rngs: load.build(cfg, head, rngs)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
-  key = jax.random.key(0, impl='unsafe_rbg')  # compiles faster on CPU than threefry
-  return graphdef, jax.jit(lambda: nnx.state(build(nnx.Rngs(params=key)), nnx.Param))()
+  abstract = nnx.eval_shape(lambda: load.build(cfg, head, nnx.Rngs(0)))
+  graphdef = nnx.graphdef(abstract)
+  rng = np.random.default_rng(0)
+  flat = []
+  for parts, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    shape = var.get_value().shape
+    value = rng.normal(size=shape) * (0.05 if parts[-1] == 'bias' else 0.1)
+    value = value + 1.0 if parts[-1] == 'scale' else value
+    flat.append((parts, var.replace(jnp.asarray(value, jnp.float32))))
+  return graphdef, nnx.from_flat_state(flat)
 
 
 def forward(module, batch):
@@ -73,18 +91,18 @@ def forward(module, batch):
 @functools.cache
 def outputs(name: str):
   """({'float': logits, recipe: (integer-path logits, fake-quant logits)}, {recipe: the
-  quantized params}) for model `name`, all from one compiled call."""
+  quantized params}) for model `name`, from one compiled call."""
   graphdef, params = model(name)
   recipes = {k: RECIPES[k] for k in MODEL_RECIPES[name]}
 
-  @jax.jit
+  @jit
   def run(params, tokens):
     batch = {'inputs': tokens}
     logits = lambda p: forward(nnx.merge(graphdef, p), batch)
     out, quantized = {'float': logits(params)}, {}
     for key, cfg in recipes.items():
       ranges = None
-      if cfg.activations == 'static':
+      if cfg.activations == 'static':  # calibrated on the batch the test evaluates
         ranges = calibration.activation_ranges(graphdef, params, cfg, forward, [batch])
       quantized[key] = transform.quantize(params, cfg, ranges)
       out[key] = (logits(quantized[key]), logits(transform.fake_quantize(params, cfg, ranges)))
@@ -93,12 +111,17 @@ def outputs(name: str):
   return run(params, TOKENS)
 
 
+def leaf(tree, parts):
+  """The value at path `parts` of a parameter tree."""
+  return functools.reduce(lambda node, p: node[p], parts, tree).get_value()
+
+
 def flat(tree) -> dict:
   return {optim.param_path(p): v.get_value() for p, v in nnx.to_flat_state(tree)}
 
 
-def broadcast_stat(stat: np.ndarray, lay: numerics.Layout) -> np.ndarray:
-  """A scale-shaped array as w's shape: groups repeated along the group axis."""
+def broadcast_stat(stat, lay: numerics.Layout) -> np.ndarray:
+  """A scale-shaped array at w's shape: groups repeated along the group axis."""
   stat = np.asarray(stat)
   if lay.group_axis is not None:
     stat = np.repeat(stat, lay.group, axis=lay.group_axis)
@@ -106,11 +129,12 @@ def broadcast_stat(stat: np.ndarray, lay: numerics.Layout) -> np.ndarray:
 
 
 # (shape, input dims, group size): a q/k/v-like kernel [embed, heads, head_dim], an output
-# projection [heads, head_dim, embed] grouped along head_dim, and an MLP matrix.
+# projection [heads, head_dim, embed] (grouped along head_dim), and an MLP matrix.
 KERNELS = (((32, 4, 8), 1, 8), ((4, 8, 32), 2, 4), ((64, 16), 1, 16))
 
 
-def _weights(shape, seed, offset=0.0):
+def _weights(shape, seed, offset=0.0) -> np.ndarray:
+  """Normal weights with a different spread per output column (so the scales differ)."""
   rng = np.random.default_rng(seed)
   return (rng.normal(size=shape) * rng.uniform(0.2, 2.0, size=shape[-1:]) + offset).astype(
       np.float32)
@@ -118,116 +142,159 @@ def _weights(shape, seed, offset=0.0):
 
 # --- 1. Rounding error bound. ---------------------------------------------------------------
 
+GRANULARITIES = ('per_tensor', 'per_channel', 'per_group')
+
+
+def _recipe(granularity, bits, symmetric, kernel) -> tuple[np.ndarray, numerics.Layout, int]:
+  shape, input_dims, group = KERNELS[kernel]
+  cfg = QuantConfig(bits=bits, granularity=granularity, group_size=group, symmetric=symmetric)
+  w = _weights(shape, kernel, offset=0.0 if symmetric else 0.3)  # offset: zero points != 0
+  return w, numerics.layout(shape, input_dims, cfg), cfg
+
+
+@functools.cache
+def rounding():
+  """{(granularity, bits, symmetric, kernel): (w, layout, scale, zero, fake_quant, ints)}."""
+  cases = {(g, b, s, k): _recipe(g, b, s, k) for g in GRANULARITIES for b in (8, 4)
+           for s in (True, False) for k in range(len(KERNELS))}
+
+  @jit
+  def run(ws):
+    out = {}
+    for key, (_, lay, cfg) in cases.items():
+      w = ws[key]
+      scale, zero = numerics.calibrate(w, lay, cfg)
+      out[key] = (scale, zero, numerics.fake_quant(w, scale, zero, lay, cfg.bits),
+                  numerics.integers(w, scale, zero, lay, cfg.bits))
+    return out
+
+  results = run({key: w for key, (w, _, _) in cases.items()})
+  return {key: (cases[key][0], cases[key][1], *results[key]) for key in cases}
+
 
 @pytest.mark.parametrize('symmetric', [True, False])
 @pytest.mark.parametrize('bits', [8, 4])
-@pytest.mark.parametrize('granularity', ['per_tensor', 'per_channel', 'per_group'])
+@pytest.mark.parametrize('granularity', GRANULARITIES)
 def test_fake_quant_error_is_at_most_half_a_step(granularity, bits, symmetric):
-  for i, (shape, input_dims, group) in enumerate(KERNELS):
-    cfg = QuantConfig(bits=bits, granularity=granularity, group_size=group,
-                      symmetric=symmetric)
-    w = _weights(shape, i, offset=0.0 if symmetric else 0.3)
-    lay = numerics.layout(shape, input_dims, cfg)
-    scale, zero = numerics.calibrate(jnp.asarray(w), lay, cfg)
-    expected_scales = {'per_tensor': (1,) * len(shape),
-                       'per_channel': (1,) * input_dims + shape[input_dims:],
-                       'per_group': tuple(n // group if a == input_dims - 1 else n
-                                          for a, n in enumerate(shape))}[granularity]
-    if granularity == 'per_group' and input_dims == 2:  # grouped along the last input dim
-      expected_scales = (1,) + expected_scales[1:]
+  qmin, qmax = numerics.bounds(bits)
+  for kernel, (shape, input_dims, group) in enumerate(KERNELS):
+    w, lay, scale, zero, fq, q = rounding()[granularity, bits, symmetric, kernel]
+    expected_scales = {
+        'per_tensor': (1,) * len(shape),
+        'per_channel': (1,) * input_dims + shape[input_dims:],
+        # Groups along the last input dim; any other input dim keeps a scale per index (a
+        # group never spans two heads of the output projection).
+        'per_group': tuple(n // group if a == input_dims - 1 else n
+                           for a, n in enumerate(shape)),
+    }[granularity]
     assert scale.shape == lay.scale_shape == expected_scales, (shape, granularity)
     assert (zero is None) == symmetric
-    fq = np.asarray(numerics.fake_quant(jnp.asarray(w), scale, zero, lay, bits))
     s = broadcast_stat(scale, lay)
     z = 0.0 if zero is None else broadcast_stat(zero, lay)
-    # |w / s| <= 128 steps: float32 division is off by < 1e-5 steps, hence the 1e-4.
-    err = np.abs(fq - w)
+    err = np.abs(np.asarray(fq) - w)
+    # |w / s| <= 128 steps, so float32 division is off by < 1e-5 step: hence the 1e-4.
     assert np.all(err <= s * (0.5 + 1e-4)), (shape, float(np.max(err / s)))
-    # Some element needs a full half step (the bound is tight), and the values are on the
-    # grid: integers in [qmin, qmax], exactly what the integer path stores.
-    assert np.max(err / s) > 0.4
-    qmin, qmax = numerics.bounds(bits)
-    q = np.asarray(numerics.integers(jnp.asarray(w), scale, zero, lay, bits))
+    assert np.max(err / s) > 0.4  # the bound is tight: some weight needs ~ half a step
+    # The values lie on the grid: integers in [qmin, qmax] that use the range (absmax), and
+    # fake quantization is exactly what the integer path stores.
+    q = np.asarray(q).astype(np.int32)
     assert q.min() >= qmin and q.max() <= qmax
-    assert q.max() - q.min() > (qmax - qmin) // 2  # absmax: the range is used
+    assert q.max() - q.min() > (qmax - qmin) // 2
     np.testing.assert_array_equal(((q - z) * s).astype(np.float32), fq)
 
 
 # --- 2. Straight-through gradients. ---------------------------------------------------------
 
-
-def _ste_case(bits, symmetric, kernel):
-  shape, input_dims, group = KERNELS[kernel]
-  cfg = QuantConfig(bits=bits, granularity='per_group', group_size=group, symmetric=symmetric)
-  lay = numerics.layout(shape, input_dims, cfg)
-  w = _weights(shape, 10 + kernel, offset=0.0 if symmetric else 0.3)
-  scale, zero = numerics.calibrate(jnp.asarray(w), lay, cfg)
-  scale = scale * 0.6  # too small on purpose: the largest weights of every block clip
-  v = w / broadcast_stat(scale, lay) + (0.0 if zero is None else broadcast_stat(zero, lay))
-  return lay, w, scale, zero, v
+STE_CASES = ((8, True, 0), (4, False, 1), (4, True, 2))  # (bits, symmetric, kernel)
 
 
-@pytest.mark.parametrize('bits,symmetric,kernel', [(8, True, 0), (4, False, 1), (4, True, 2)])
+@functools.cache
+def ste():
+  """Gradients of sum(fake_quant(w) * g) w.r.t. w, with scales too small on purpose (the
+  largest weights of every block clip), and of the int8 activation fake-quant."""
+  weights, cases = {}, {}
+  for bits, symmetric, kernel in STE_CASES:
+    w, lay, cfg = _recipe('per_group', bits, symmetric, kernel)
+    weights[bits, symmetric, kernel] = w
+    cases[bits, symmetric, kernel] = (lay, cfg)
+  g = {key: np.random.default_rng(7).normal(size=w.shape).astype(np.float32)
+       for key, w in weights.items()}
+  x = np.random.default_rng(1).uniform(-4.0, 4.0, size=(2, 5, 16)).astype(np.float32)
+  gx = np.random.default_rng(2).normal(size=x.shape).astype(np.float32)
+  spec, act_range = 'BTD,DF->BTF', 2.0
+
+  @jit
+  def run(weights, g, x, gx):
+    out = {}
+    for key, (lay, cfg) in cases.items():
+      scale, zero = numerics.calibrate(weights[key], lay, cfg)
+      scale = scale * 0.6
+      loss = lambda w: jnp.sum(numerics.fake_quant(w, scale, zero, lay, cfg.bits) * g[key])
+      out[key] = (scale, zero, jax.grad(loss)(weights[key]))
+    act = lambda r: lambda x: jnp.sum(kernels.fake_quant_activations(spec, x, r) * gx)
+    static = jnp.float32(act_range)
+    return out, (kernels.fake_quant_activations(spec, x, static), jax.grad(act(static))(x),
+                 jax.grad(act(None))(x))
+
+  return weights, cases, g, (x, gx, act_range), run(weights, g, x, gx)
+
+
+@pytest.mark.parametrize('bits,symmetric,kernel', STE_CASES)
 def test_weight_ste_gradient_is_one_inside_and_zero_where_clipped(bits, symmetric, kernel):
-  lay, w, scale, zero, v = _ste_case(bits, symmetric, kernel)
+  weights, cases, g, _, (out, _) = ste()
+  key = bits, symmetric, kernel
+  w, (lay, _), (scale, zero, grad) = weights[key], cases[key], out[key]
+  v = w / broadcast_stat(scale, lay) + (0.0 if zero is None else broadcast_stat(zero, lay))
   qmin, qmax = numerics.bounds(bits)
-  g = np.random.default_rng(0).normal(size=w.shape).astype(np.float32)
-  grad = jax.grad(lambda w: jnp.sum(numerics.fake_quant(w, scale, zero, lay, bits) * g))(
-      jnp.asarray(w))
-  grad = np.asarray(grad)
-  # Away from the grid's ends by more than half a step (the ends: the xfail test below).
+  grad, g = np.asarray(grad), g[key]
+  # More than half a step away from the grid's ends (the ends: the test below).
   inside = (v > qmin + 0.51) & (v < qmax - 0.51)
   clipped = (v > qmax + 0.51) | (v < qmin - 0.51)
-  assert inside.sum() > w.size // 2 and clipped.sum() > 0
+  assert inside.sum() > w.size // 3 and clipped.sum() > 0
   np.testing.assert_allclose(grad[inside], g[inside], rtol=1e-6)
   np.testing.assert_array_equal(grad[clipped], 0.0)
 
 
 def test_activation_ste_gradient_with_a_static_range():
-  spec, act_range = 'BTD,DF->BTF', jnp.float32(2.0)
-  x = np.random.default_rng(1).uniform(-4.0, 4.0, size=(2, 5, 16)).astype(np.float32)
-  v = x / (2.0 / kernels.ACT_MAX)
-  y = np.asarray(kernels.fake_quant_activations(spec, jnp.asarray(x), act_range))
-  step = 2.0 / kernels.ACT_MAX
+  *_, (x, g, act_range), (_, out) = ste()
+  y, grad, grad_dynamic = (np.asarray(a) for a in out)
+  step = act_range / kernels.ACT_MAX
+  v = x / step
   np.testing.assert_allclose(y / step, np.round(y / step), atol=1e-4)  # on the int8 grid
-  assert y.max() <= 2.0 + 1e-6 and y.min() >= -128 * step - 1e-6
-  g = np.random.default_rng(2).normal(size=x.shape).astype(np.float32)
-  grad = np.asarray(jax.grad(lambda x: jnp.sum(
-      kernels.fake_quant_activations(spec, x, act_range) * g))(jnp.asarray(x)))
+  assert y.max() <= act_range * (1 + 1e-6) and y.min() >= -128 * step * (1 + 1e-6)
   inside = (v > -127.49) & (v < 126.49)
   clipped = (v > 127.51) | (v < -128.51)
   assert inside.sum() > x.size // 3 and clipped.sum() > x.size // 3
   np.testing.assert_allclose(grad[inside], g[inside], rtol=1e-6)
   np.testing.assert_array_equal(grad[clipped], 0.0)
-  # Dynamic (per token) ranges never clip: the gradient is the identity everywhere but at
-  # each token's extreme, which lands exactly on the grid's end.
-  gd = np.asarray(jax.grad(lambda x: jnp.sum(
-      kernels.fake_quant_activations(spec, x, None) * g))(jnp.asarray(x)))
-  extreme = np.abs(x) == np.max(np.abs(x), axis=-1, keepdims=True)
-  np.testing.assert_allclose(gd[~extreme], g[~extreme], rtol=1e-6)
+  # Dynamic (per token) ranges never clip: the gradient is the identity everywhere, each
+  # token's extreme (which lands exactly on the grid's end) included.
+  np.testing.assert_allclose(grad_dynamic, g, rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'numerics._fake_blocked and kernels.fake_quant_activations clip *after* the STE round '
-    'with jnp.clip, whose gradient is 0.5 where its input equals a bound; a value v inside '
-    '[qmin, qmax] that rounds onto qmin or qmax (e.g. 126.7 -> 127) gets gradient 0.5, not 1'))
 def test_ste_gradient_is_one_for_values_inside_the_range_that_round_onto_its_ends():
   v = np.array([126.7, 126.9, -127.8, -127.6, 3.2], np.float32)  # all inside [-128, 127]
   lay = numerics.layout((5, 1), 1, QuantConfig(granularity='per_tensor'))
-  grad_w = jax.grad(lambda w: jnp.sum(numerics.fake_quant(
-      w, jnp.ones((1, 1)), None, lay, 8)))(jnp.asarray(v[:, None]))
-  grad_x = jax.grad(lambda x: jnp.sum(kernels.fake_quant_activations(
-      'BD,DF->BF', x, jnp.float32(127.0))))(jnp.asarray(v[None]))  # scale 127 / 127 = 1
-  np.testing.assert_array_equal(np.asarray(grad_x)[0], 1.0)
-  np.testing.assert_array_equal(np.asarray(grad_w)[:, 0], 1.0)
+
+  @jit
+  def grads(v):
+    grad_w = jax.grad(lambda w: jnp.sum(numerics.fake_quant(
+        w, jnp.ones((1, 1)), None, lay, 8)))(v[:, None])[:, 0]
+    grad_x = jax.grad(lambda x: jnp.sum(kernels.fake_quant_activations(
+        'BD,DF->BF', x, jnp.float32(127.0))))(v[None])[0]  # step 127 / 127 = 1
+    return grad_w, grad_x
+
+  grad_w, grad_x = grads(v)
+  np.testing.assert_array_equal(grad_w, 1.0)
+  np.testing.assert_array_equal(grad_x, 1.0)
 
 
 # --- 3. LSQ: learned step sizes. ------------------------------------------------------------
 
 
 def test_lsq_scale_gradient_is_the_papers():
-  """d/ds of sum(g * fq(w; s)) = gscale * sum over the block of g * (round(v) - v) inside
-  the grid and g * qmin / qmax where clipped, gscale = 1 / sqrt(block size * qmax)."""
+  """d/ds sum(g * fq(w; s)) = gs * sum over the block of g * (round(v) - v) where v = w / s
+  is inside the grid and g * qmin (qmax) where it is clipped; gs = 1 / sqrt(block * qmax)."""
   cfg = QuantConfig(bits=4, scale='learned')
   qmin, qmax = numerics.bounds(4)
   rng = np.random.default_rng(3)
@@ -236,21 +303,27 @@ def test_lsq_scale_gradient_is_the_papers():
   v[np.abs(v - qmin) < 0.6] -= 1.5
   s = np.linspace(0.05, 0.3, 6, dtype=np.float32)[None]
   w = (v * s).astype(np.float32)
-  v = w / s  # what the kernel computes
+  v = w / s  # as the kernel computes it
+  g = rng.normal(size=w.shape).astype(np.float32)
   params = nnx.State({'mlp': {'up': nnx.Param(jnp.asarray(w), out_sharding=('embed', 'mlp'),
                                               eager_sharding=False)}})
-  tree = transform.add_scales(params, cfg)
-  var = tree['qscale']['mlp']['up']['scale']
-  assert var.get_value().shape == (1, 6)
-  tree['qscale']['mlp']['up']['scale'] = var.replace(jnp.asarray(s))
-  g = rng.normal(size=w.shape).astype(np.float32)
   apply = transform.params_transform(cfg)
-  loss = lambda t: jnp.sum(apply(t, None)['mlp']['up'].get_value() * g)
-  grads = jax.grad(loss)(tree)
+
+  @jit
+  def run(params, s):
+    tree = transform.add_scales(params, cfg)
+    initial = tree['qscale']['mlp']['up']['scale'].get_value()
+    tree['qscale']['mlp']['up']['scale'].set_value(s)
+    loss = lambda t: jnp.sum(apply(t, None)['mlp']['up'].get_value() * g)
+    return initial, jax.grad(loss)(tree)
+
+  initial, grads = run(params, s)
+  np.testing.assert_allclose(initial, np.max(np.abs(w), axis=0, keepdims=True) / qmax,
+                             rtol=1e-6)  # started from absmax calibration
   inside = (v >= qmin) & (v <= qmax)
+  assert 0 < inside.sum() < inside.size
   dfq_ds = np.where(inside, np.round(v) - v, np.clip(v, qmin, qmax))
   expected = np.sum(g * dfq_ds, axis=0, keepdims=True) / np.sqrt(16 * qmax)
-  assert 0 < inside.sum() < inside.size
   np.testing.assert_allclose(grads['qscale']['mlp']['up']['scale'].get_value(), expected,
                              rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(grads['base']['mlp']['up'].get_value(), np.where(inside, g, 0.0),
@@ -258,31 +331,36 @@ def test_lsq_scale_gradient_is_the_papers():
 
 
 def test_lsq_starts_at_the_ptq_model_and_learns_every_scale():
-  graphdef, params = model('llama_tied')
+  _, params = model('llama_tied')
   cfg = QuantConfig(bits=4, scale='learned')
-  weights = jax.random.normal(jax.random.key(2), (8, 8, LLAMA.vocab_size))
-
-  @jax.jit
-  def run(params, tokens):
-    tree = transform.add_scales(params, cfg)
-    apply = transform.params_transform(cfg)
-    loss = lambda t: jnp.sum(nnx.merge(graphdef, apply(t, None))(tokens) * weights)
-    return tree, jax.grad(loss)(tree), apply(tree, None), transform.fake_quantize(params, cfg)
-
-  tree, grads, learned, calibrated = run(params, TOKENS)
+  apply = transform.params_transform(cfg)
   chosen = transform.targets(params, cfg)
+  g = {parts: np.random.default_rng(i).normal(size=lay.shape).astype(np.float32)
+       for i, (parts, lay) in enumerate(chosen.items())}
+
+  @jit
+  def run(params):
+    tree = transform.add_scales(params, cfg)
+    want = {parts: numerics.calibrate(leaf(params, parts), lay, cfg)[0]
+            for parts, lay in chosen.items()}
+
+    def loss(tree):  # a random projection of every quantized kernel
+      values = apply(tree, None)
+      return sum(jnp.sum(leaf(values, parts) * g_k) for parts, g_k in g.items())
+    return (want, tree, jax.grad(loss)(tree), apply(tree, None),
+            transform.fake_quantize(params, cfg))
+
+  want, tree, grads, learned, calibrated = run(params)
   scales, scale_grads = flat(tree['qscale']), flat(grads['qscale'])
   assert len(scales) == len(chosen) == 7 * LLAMA.num_layers + 1  # + the tied embedding
   for parts, lay in chosen.items():
     path = optim.param_path(parts) + '/scale'
-    w = functools.reduce(lambda node, p: node[p], parts, params).get_value()
-    want, _ = numerics.calibrate(w, lay, cfg)
-    np.testing.assert_allclose(scales[path], want, rtol=1e-6, err_msg=path)
+    np.testing.assert_allclose(scales[path], want[parts], rtol=1e-6, err_msg=path)
     grad = np.asarray(scale_grads[path])
     assert grad.shape == lay.scale_shape and np.all(np.isfinite(grad)), path
-    assert np.any(grad != 0), path
-  assert all(np.all(np.isfinite(g)) for g in flat(grads['base']).values())
-  # The LSQ state's forward is the PTQ (calibrated) fake-quantized model.
+    assert np.all(grad != 0), path
+  assert all(np.all(np.isfinite(v)) for v in flat(grads['base']).values())
+  # At initialisation the LSQ state's view of the model is the calibrated (PTQ) one.
   learned, calibrated = flat(learned), flat(calibrated)
   assert learned.keys() == calibrated.keys()
   for path, value in calibrated.items():
@@ -295,32 +373,30 @@ def test_lsq_starts_at_the_ptq_model_and_learns_every_scale():
 @pytest.mark.parametrize('name', list(MODELS))
 def test_integer_path_equals_fake_quant_forward(name):
   out, quantized = outputs(name)
-  scale = float(np.max(np.abs(out['float'])))
+  top = float(np.max(np.abs(out['float'])))
   for key in MODEL_RECIPES[name]:
     integer, fake = out[key]
-    # Same integers and scales on both paths; only the order of float sums differs (and
-    # with int8 activations, where the scales are applied: after an exact int32 dot).
-    np.testing.assert_allclose(integer, fake, rtol=0, atol=1e-5 * scale, err_msg=key)
-    assert not np.allclose(integer, out['float'], rtol=0, atol=1e-5 * scale), key
-  # The quantized parameters really hold integers: every target kernel.
+    # The same integers and scales on both paths; only the order of the float sums differs
+    # (and, with int8 activations, where the scales are applied: after an exact int32 dot).
+    np.testing.assert_allclose(integer, fake, rtol=0, atol=1e-5 * top, err_msg=key)
+    assert not np.allclose(integer, out['float'], rtol=0, atol=1e-5 * top), key
+  # The quantized parameters hold integers, in every target kernel and nowhere else.
   for key in MODEL_RECIPES[name]:
-    cfg = RECIPES[key]
-    values = flat(quantized[key])
+    cfg, values = RECIPES[key], flat(quantized[key])
     chosen = {optim.param_path(p) for p in transform.targets(model(name)[1], cfg)}
-    assert chosen and {p for p, v in values.items()
-                       if isinstance(v, kernels.QuantizedKernel)} == chosen, key
+    assert {p for p, v in values.items() if isinstance(v, kernels.QuantizedKernel)} == chosen
+    names = {p.rsplit('/', 1)[-1] for p in chosen}
+    assert 'embedding' in names and ('lm_head' in names) == (name == 'llama_untied')
     for path in chosen:
       kernel = values[path]
       assert kernel.weight.qvalue.dtype == (jnp.int8 if cfg.bits == 8 else jnp.int4), path
+      assert kernel.weight.scale.dtype == jnp.float32
       assert kernel.activations == cfg.activations
       assert (kernel.weight.zero_point is None) == cfg.symmetric
       # A static range for every kernel that multiplies activations; a table that is only
-      # looked up (untied or BERT's embedding) has none and needs none.
-      contracted = not path.endswith('embedding') or name == 'llama_tied'
-      has_range = cfg.activations == 'static' and contracted
-      assert (kernel.act_range is not None) == has_range, (key, path)
-      if has_range:
-        assert float(kernel.act_range) > 0, (key, path)
+      # looked up (BERT's embedding) has none and needs none.
+      contracted = path != 'backbone/embedding'
+      assert (kernel.act_range is not None) == (cfg.activations == 'static' and contracted)
 
 
 @pytest.mark.parametrize('name', ['llama_tied', 'bert'])
@@ -328,12 +404,15 @@ def test_int8_is_close_to_float_and_int4_further(name):
   out, _ = outputs(name)
   ref = np.asarray(out['float'])
   top = np.max(np.abs(ref))
-  err = {key: np.max(np.abs(np.asarray(out[key][0]) - ref)) / top for key in out
-         if key != 'float'}
-  assert 0 < err['int8'] < 0.03, err
-  assert err['int8-a8dyn'] < 0.03, err
-  for key in ('int4-g16', 'int4-asym-g16', 'int4-asym'):
-    assert err[key] > err['int8'], err
+  err = {key: np.max(np.abs(np.asarray(out[key][0]) - ref)) / top for key in MODEL_RECIPES[name]}
+  # A few % for int8 weights (a little more with int8 activations too); int4's 16 levels
+  # against int8's 256 are far coarser: several times the error.
+  assert 0 < err['int8'] < 0.05, err
+  for key in MODEL_RECIPES[name]:
+    if RECIPES[key].bits == 8:
+      assert err[key] < (0.05 if RECIPES[key].activations == 'none' else 0.1), err
+    else:
+      assert err[key] > 3 * err['int8'], err
 
 
 # --- 6. Calibration methods. ----------------------------------------------------------------
@@ -341,38 +420,51 @@ def test_int8_is_close_to_float_and_int4_further(name):
 
 def test_percentile_and_mse_clip_an_outlier_and_mse_error_is_never_worse():
   w = np.random.default_rng(4).normal(size=(256, 4)).astype(np.float32)
-  w[17, 1] = 8.0  # an outlier in channel 1
-  lay = numerics.layout(w.shape, 1, QuantConfig())
-  scales = {}
-  for method, bits in (('absmax', 4), ('percentile', 4), ('mse', 4), ('absmax', 8),
-                       ('percentile', 8)):
-    cfg = QuantConfig(bits=bits, calibration=method, percentile=99.0)
-    scales[method, bits] = np.asarray(numerics.calibrate(jnp.asarray(w), lay, cfg)[0])[0]
-  for method, bits in (('percentile', 4), ('mse', 4), ('percentile', 8)):
-    assert scales[method, bits][1] < 0.7 * scales['absmax', bits][1], (method, bits)
-  # percentile=100 is absmax.
-  full = numerics.calibrate(jnp.asarray(w), lay, QuantConfig(calibration='percentile',
-                                                             percentile=100.0))[0]
-  np.testing.assert_allclose(full[0], scales['absmax', 8], rtol=1e-6)
-
-  def block_errors(w, lay, cfg):
-    scale, zero = numerics.calibrate(jnp.asarray(w), lay, cfg)
-    fq = np.asarray(numerics.fake_quant(jnp.asarray(w), scale, zero, lay, cfg.bits))
-    sq = np.square(fq.astype(np.float64) - w)
-    blocks = broadcast_stat(np.arange(np.prod(lay.scale_shape)).reshape(lay.scale_shape), lay)
-    return np.bincount(blocks.reshape(-1), sq.reshape(-1))
-
-  for i, (shape, input_dims, group) in enumerate(KERNELS[:2] + ((w.shape, 1, 64),)):
-    x = w if shape == w.shape else _weights(shape, 20 + i, offset=0.2 * i)
+  w[17, 1] = 8.0  # an outlier in output channel 1
+  weights = {-1: w, **{i: _weights(KERNELS[i][0], 20 + i, offset=0.2 * i) for i in range(2)}}
+  shapes = {-1: (w.shape, 1, 64), **dict(enumerate(KERNELS[:2]))}
+  channel = numerics.layout(w.shape, 1, QuantConfig())
+  methods = {(m, b): QuantConfig(bits=b, calibration=m, percentile=99.0)
+             for m in ('absmax', 'percentile', 'mse') for b in (4, 8)}
+  methods['percentile100', 8] = QuantConfig(calibration='percentile', percentile=100.0)
+  blocks = {}  # (kernel, recipe) -> (layout, absmax config, mse config)
+  for i, (shape, input_dims, group) in shapes.items():
     for bits, symmetric, granularity in ((4, True, 'per_channel'), (4, False, 'per_group'),
-                                         (8, True, 'per_group')):
+                                         (8, True, 'per_tensor')):
       cfg = dict(bits=bits, symmetric=symmetric, granularity=granularity, group_size=group)
-      lay = numerics.layout(shape, input_dims, QuantConfig(**cfg))
-      absmax = block_errors(x, lay, QuantConfig(**cfg))
-      mse = block_errors(x, lay, QuantConfig(calibration='mse', **cfg))
-      assert np.all(mse <= absmax * (1 + 1e-5)), (shape, cfg)
-      if bits == 4:
-        assert np.sum(mse) < np.sum(absmax), (shape, cfg)
+      blocks[i, bits, symmetric, granularity] = (
+          numerics.layout(shape, input_dims, QuantConfig(**cfg)), QuantConfig(**cfg),
+          QuantConfig(calibration='mse', **cfg))
+
+  @jit
+  def run(weights):
+    scales = {key: numerics.calibrate(weights[-1], channel, cfg)[0]
+              for key, cfg in methods.items()}
+    fq = {}
+    for key, (lay, *cfgs) in blocks.items():
+      for j, cfg in enumerate(cfgs):
+        scale, zero = numerics.calibrate(weights[key[0]], lay, cfg)
+        fq[key + (j,)] = numerics.fake_quant(weights[key[0]], scale, zero, lay, cfg.bits)
+    return scales, fq
+
+  scales, fq = run(weights)
+  scales = {key: np.asarray(s)[0] for key, s in scales.items()}
+  # The outlier's channel gets a smaller scale; the others hardly move. At 8 bits rounding
+  # costs so little that MSE may well keep the outlier: only 4 bits are asserted for it.
+  for key in (('percentile', 4), ('mse', 4), ('percentile', 8)):
+    assert scales[key][1] < 0.95 * scales['absmax', key[1]][1], (key, scales)
+  np.testing.assert_allclose(scales['percentile100', 8], scales['absmax', 8], rtol=1e-6)
+
+  for key, (lay, *_) in blocks.items():
+    block_of = broadcast_stat(np.arange(np.prod(lay.scale_shape)).reshape(lay.scale_shape),
+                              lay).reshape(-1)
+    x = weights[key[0]].astype(np.float64)
+    absmax, mse = (np.bincount(block_of, np.square(np.asarray(fq[key + (j,)]) - x).reshape(-1))
+                   for j in (0, 1))
+    assert len(absmax) == np.prod(lay.scale_shape)
+    assert np.all(mse <= absmax * (1 + 1e-5)), key
+    if key[1] == 4:
+      assert np.sum(mse) < np.sum(absmax), key
 
 
 # --- 7. Config errors. ----------------------------------------------------------------------
@@ -396,13 +488,13 @@ def test_config_round_trip_and_kernel_dependent_errors():
   cfg = config.from_config(ml_collections.ConfigDict({'bits': 4.0, 'targets': '.*mlp/up'}))
   assert cfg.bits == 4 and cfg.targets == ('.*mlp/up',) and cfg.name == 'int4'
   params = abstract_params(LLAMA, None)
-  with pytest.raises(ValueError, match=r'config\.quant\.group_size') as e:
+  with pytest.raises(ValueError, match=r'config\.quant\.group_size=12\b') as e:
     transform.targets(params, QuantConfig(granularity='per_group', group_size=12))
-  assert '\n' not in str(e.value) and 'blocks/0/attn/q' in str(e.value)
+  assert '\n' not in str(e.value) and 'blocks/0/attn/' in str(e.value)
   with pytest.raises(ValueError, match=r'config\.quant\.targets') as e:
     transform.targets(params, QuantConfig(targets=(r'.*attention/q_proj',)))
   assert '\n' not in str(e.value)
-  with pytest.raises(ValueError, match=r'config\.quant\.targets'):  # all excluded
+  with pytest.raises(ValueError, match=r'config\.quant\.targets'):  # everything excluded
     transform.targets(params, QuantConfig(targets=(r'.*mlp/up',), exclude=(r'blocks/.*',)))
 
 
@@ -416,33 +508,26 @@ def test_default_targets_of_a_bert_classifier():
               for m in ('attn/q', 'attn/k', 'attn/v', 'attn/o', 'mlp/up', 'mlp/down')}
   expected.add('backbone/embedding')
   assert expected <= paths
-  chosen = {optim.param_path(p): lay for p, lay in transform.targets(params, QuantConfig()).items()}
+  chosen = {optim.param_path(p): lay
+            for p, lay in transform.targets(params, QuantConfig()).items()}
   assert set(chosen) == expected
   # Never: the classifier head, position / token-type tables, biases, norm gains.
   for path in ('classifier/kernel', 'classifier/bias', 'backbone/position_embed/embedding',
                'backbone/token_type_embed/embedding', 'backbone/blocks/0/attn/q_bias/bias',
                'backbone/embed_norm/scale', 'backbone/blocks/0/mlp_norm/scale'):
     assert path in paths and path not in chosen, path
-  # The table's blocks are its rows; the output projection contracts heads and head_dim.
+  # A table's blocks are its rows; the output projection contracts heads and head_dim.
   assert chosen['backbone/embedding'].scale_shape == (BERT.vocab_size, 1)
   assert chosen['backbone/blocks/0/attn/o'].scale_shape == (1, 1, BERT.embed_dim)
   assert chosen['backbone/blocks/0/attn/q'].scale_shape == (1, 4, 8)
   edges = {optim.param_path(p) for p in transform.targets(
       params, QuantConfig(exclude_first_last=True))}
-  assert edges == {p for p in expected if p.startswith('backbone/blocks/1/')} | {
-      'backbone/embedding'}
+  assert edges == {p for p in expected if '/blocks/1/' in p} | {'backbone/embedding'}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'numerics.layout per_group keeps the non-grouped input dims in `reduce` (layout(), '
-    '`tuple(a for a in inputs if a != axis)`): a group of the output projection '
-    '[heads, head_dim, embed] spans all heads, block size heads * group instead of '
-    'min(group_size, head_dim), contrary to the module docstring'))
 def test_per_group_blocks_of_the_output_projection_stay_within_one_head():
   lay = numerics.layout((4, 8, 32), 2, QuantConfig(granularity='per_group', group_size=4))
-  assert lay.block_size == 4
-  assert lay.scale_shape == (4, 2, 32)
-  # With group_size >= head_dim a group is one head: finer than per_channel.
+  assert (lay.block_size, lay.scale_shape) == (4, (4, 2, 32))
   wide = numerics.layout((4, 8, 32), 2, QuantConfig(granularity='per_group', group_size=128))
   channel = numerics.layout((4, 8, 32), 2, QuantConfig(granularity='per_channel'))
   assert wide.block_size == 8 < channel.block_size
@@ -458,10 +543,10 @@ def test_sharded_quantized_logits_equal_single_device():
   qparams = jax.device_put({k: quantized[k] for k in SHARDED_RECIPES},
                            NamedSharding(mesh, P()))
   tokens = jax.device_put(TOKENS, NamedSharding(mesh, P('data')))
-  logits = jax.jit(lambda qp, t: {k: nnx.merge(graphdef, p)(t) for k, p in qp.items()})(
+  logits = jit(lambda qp, t: {k: nnx.merge(graphdef, p)(t) for k, p in qp.items()})(
       qparams, tokens)
-  scale = float(np.max(np.abs(out['float'])))
+  top = float(np.max(np.abs(out['float'])))
   for key in SHARDED_RECIPES:
     assert len(logits[key].sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(logits[key]), np.asarray(out[key][0]), rtol=0,
-                               atol=1e-5 * scale, err_msg=key)
+                               atol=1e-5 * top, err_msg=key)

@@ -86,7 +86,7 @@ def from_config(quant: ml_collections.ConfigDict, **overrides) -> QuantConfig:
   """`config.quant` (any subset of QuantConfig's fields) as a QuantConfig; `overrides` win."""
   known = {f.name for f in dataclasses.fields(QuantConfig)}
   fields = {k: v for k, v in quant.to_dict().items() if k in known}
-  unknown = sorted(set(quant.to_dict()) - known - {'variants'})
+  unknown = sorted(set(quant.to_dict()) - known)
   if unknown:
     raise ValueError(f'config.quant.{unknown[0]} is not a quantization field; known: '
                      f'{sorted(known)}')
@@ -104,7 +104,12 @@ def _as_int(field: str, value):
 
 
 def section(**overrides) -> ml_collections.ConfigDict:
-  """The `config.quant` section with QuantConfig's defaults, for the configs to start from."""
+  """The `config.quant` section with QuantConfig's defaults, for the configs to start from.
+
+  Bit width and granularity are left out: the stages take them from each entry of
+  `config.variants` ('int8', 'int4-group', ...), so one run compares several.
+  """
   defaults = dataclasses.asdict(QuantConfig())
+  del defaults['bits'], defaults['granularity']
   defaults.update(overrides)
   return ml_collections.ConfigDict(defaults)

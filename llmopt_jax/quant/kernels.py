@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import qwix
 from flax import struct
 
+from llmopt_jax.quant import numerics
+
 ACT_BITS = 8
 ACT_MAX = 2 ** (ACT_BITS - 1) - 1
 
@@ -62,8 +64,7 @@ def quantize_activations(spec: str, x: jax.Array, act_range: jax.Array | None) -
 def fake_quant_activations(spec: str, x: jax.Array, act_range: jax.Array | None) -> jax.Array:
   """x on the int8 grid and back; identity gradient inside the range, zero outside."""
   scale = jax.lax.stop_gradient(activation_scale(spec, x, act_range))
-  v = x.astype(jnp.float32) / scale
-  q = jnp.clip(v + jax.lax.stop_gradient(jnp.round(v) - v), -ACT_MAX - 1, ACT_MAX)
+  q = numerics.clip_round_ste(x.astype(jnp.float32) / scale, -ACT_MAX - 1, ACT_MAX)
   return (q * scale).astype(x.dtype)
 
 

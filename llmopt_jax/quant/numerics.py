@@ -71,7 +71,8 @@ def layout(shape: tuple[int, ...], input_dims: int, cfg: QuantConfig, *, table: 
   if shape[axis] % group:
     raise ValueError(f'config.quant.group_size={cfg.group_size} does not divide dim {axis} '
                      f'(size {shape[axis]}) of {name} {tuple(shape)}')
-  return Layout(tuple(shape), tuple(a for a in inputs if a != axis), axis, group)
+  # Other input dims (the heads of attn/o) keep a scale each: no group spans two of them.
+  return Layout(tuple(shape), (), axis, group)
 
 
 def _blocked(x: jax.Array, lay: Layout) -> tuple[jax.Array, tuple[int, ...]]:
@@ -107,16 +108,20 @@ def _scale_zero(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool):
   return scale, jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
 
 
-def round_ste(x: jax.Array) -> jax.Array:
-  """round(x) forward, identity backward (the straight-through estimator)."""
-  return x + jax.lax.stop_gradient(jnp.round(x) - x)
+def clip_round_ste(v: jax.Array, qmin: float, qmax: float) -> jax.Array:
+  """round(v) clipped to [qmin, qmax] forward; backward, the straight-through estimator:
+  gradient 1 where v rounds onto the grid (qmin - 1/2 <= v <= qmax + 1/2), 0 where it is
+  clipped. The half step matters: absmax scaling puts each block's extreme exactly on qmax,
+  where float rounding lands it a hair above or below, and it must not lose its gradient."""
+  q = jnp.clip(jnp.round(v), qmin, qmax)
+  inside = (v >= qmin - 0.5) & (v <= qmax + 0.5)
+  return jnp.where(inside, v + jax.lax.stop_gradient(q - v), jax.lax.stop_gradient(q))
 
 
 def _fake_blocked(xb, scale, zero, bits):
   qmin, qmax = bounds(bits)
   zero = 0.0 if zero is None else zero
-  # clip after the STE round: gradient 1 inside [qmin, qmax], 0 where the value is clipped.
-  q = jnp.clip(round_ste(xb / scale + zero), qmin, qmax)
+  q = clip_round_ste(xb / scale + zero, qmin, qmax)
   return (q - zero) * scale
 
 
