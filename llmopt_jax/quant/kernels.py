@@ -6,11 +6,13 @@ takes the usual `jnp.einsum` / `jnp.take`, anything else is asked to do it (`ker
 all it takes to run a model quantized; the model classes do not change.
 
 `QuantizedKernel` is the integer inference path: the weight is a `qwix.QArray` (int8 values,
-or int4 values held one per byte in memory: XLA has no packed 4-bit compute on CPU or GPU;
-on disk they are packed two per byte, see storage.py) plus float32 scales. With weight-only
-quantization the integers are converted and scaled inside the matmul (`qwix.einsum`, which
-XLA fuses into the dot's operand); with int8 activations both operands are integers and the
-dot accumulates in int32 (s8 x s8 -> s32), the scales applied to the result.
+or int4 values in JAX's int4 dtype; on disk they are packed two per byte, see storage.py) plus
+float32 scales, and that is what the parameter tree holds. With weight-only quantization the
+integers are converted and scaled inside the compiled forward pass, one fused elementwise
+pass that feeds the float dot: on XLA:CPU this measured 3x faster at batch 1 than
+`qwix.einsum`'s weight-only path (experiments/bench_quant.py's note in WORKSPACE.md). With
+int8 activations both operands are integers and the dot accumulates in int32 (s8 x s8 ->
+s32, `qwix.einsum`), the scales applied to the result.
 
 `FakeQuantKernel` is its training-time twin for QAT with activation quantization: float
 weights already on the grid, and activations rounded to int8 with a straight-through
@@ -84,7 +86,7 @@ class QuantizedKernel:
 
   def einsum(self, spec: str, x: jax.Array, dtype) -> jax.Array:
     if self.activations == 'none':
-      y = qwix.einsum(spec, x.astype(dtype), self.weight)
+      y = jnp.einsum(spec, x.astype(dtype), self.dequantize().astype(dtype))
     else:
       act_range = _static_range(self) if self.activations == 'static' else None
       y = qwix.einsum(spec, quantize_activations(spec, x, act_range), self.weight)
