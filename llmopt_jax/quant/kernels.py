@@ -89,7 +89,7 @@ class QuantizedKernel:
       y = jnp.einsum(spec, x.astype(dtype), self.dequantize().astype(dtype))
     else:
       act_range = _static_range(self) if self.activations == 'static' else None
-      y = qwix.einsum(spec, quantize_activations(spec, x, act_range), self.weight)
+      y = _integer_einsum(spec, quantize_activations(spec, x, act_range), self.weight)
     return y.astype(dtype)
 
   def take(self, ids: jax.Array, dtype) -> jax.Array:
@@ -100,6 +100,20 @@ class QuantizedKernel:
     if w.zero_point is not None:
       q = q - _rows(w.zero_point, ids, q.shape[-1]).astype(jnp.float32)
     return (q * scale).astype(dtype)
+
+
+def _integer_einsum(spec: str, x: qwix.QArray, w: qwix.QArray) -> jax.Array:
+  """int8 x int8 -> int32 dot, then the scales. Both scales are 1 on the contracted dims
+  (per-token activations, per-channel or per-tensor symmetric weights), so their einsum is
+  just their outer product on the output's shape. Weights with zero points or groups inside
+  the contraction go through `qwix.einsum`, which handles both (more slowly on CPU)."""
+  lhs, rhs, contracted = _contracted(spec)
+  on_contracted = [w.scale.shape[rhs.index(c)] for c in contracted]
+  if w.zero_point is not None or any(n != 1 for n in on_contracted):
+    return qwix.einsum(spec, x, w)
+  acc = jnp.einsum(spec, x.qvalue, w.qvalue.astype(jnp.int8),
+                   preferred_element_type=jnp.int32)
+  return acc.astype(jnp.float32) * jnp.einsum(spec, x.scale, w.scale)
 
 
 def _rows(stat: jax.Array, ids: jax.Array, width: int) -> jax.Array:
