@@ -57,7 +57,7 @@ def targets(params: nnx.State, cfg: QuantConfig) -> dict[Path, numerics.Layout]:
   is_kernel = lambda parts, var: (
       var.get_value().ndim >= 2 and parts[-1] not in _NOT_KERNELS)
   depth = _depth([_path(parts) for parts, _ in flat])
-  edges = {f'blocks/0/', f'blocks/{depth - 1}/'} if cfg.exclude_first_last else set()
+  edges = {'blocks/0/', f'blocks/{depth - 1}/'} if cfg.exclude_first_last else set()
   chosen = {}
   for parts, var in flat:
     path = _path(parts)

@@ -3,8 +3,8 @@
 Chain: the teacher (a finished fine-tune or pretrain workdir, or trained first inside
 <workdir>/teacher) -> its parameters on the mesh as the step's constants -> two students of
 the same size from the same start (every k-th block of the pretrained model the teacher was
-fine-tuned from, or of the teacher itself, or scratch): one on the labels only (<workdir>/student_labels), one distilled
-(<workdir>/student_kd), each through the spine's loop with its own checkpoints -> every model
+fine-tuned from, or of the teacher itself, or scratch): one on the labels only
+(<workdir>/student_labels), one distilled (<workdir>/student_kd), each through the spine's loop with its own checkpoints -> every model
 scored on the same held-out batches, sized from its arrays, timed at batch 1 and 64 ->
 report.md / report.json.
 
@@ -197,16 +197,18 @@ def load_student(distill_dir: str, name: str = 'student_kd'
 
 
 def variant_row(name: str, graphdef: nnx.GraphDef, params: nnx.State, problem, config, mesh,
-             rules) -> dict[str, Any]:
-  """One row of the table: size from the arrays, quality on the held-out batches, latency."""
+                rules, size: tuple[int, int] | None = None) -> dict[str, Any]:
+  """One row of the table: quality on the held-out batches, latency, and size: (parameters,
+  bytes) from the arrays, or `size` where the caller knows better (quantized weights are
+  sized from their files)."""
   eval_step = step_lib.jit_eval_step(
       step_lib.make_eval_step(graphdef, problem.eval_fn),
       jax.tree.map(lambda x: x.sharding, params), mesh, rules)
   sums = metrics_lib.total(eval_step(params, sharding.shard_batch(b, mesh, rules))
                            for b in problem.score_batches)
-  count, size = compare.size_of(params)
+  count, nbytes = size or compare.size_of(params)
   latency = compare.latency_per_query(graphdef, params, problem.forward, problem.make_batch)
-  row = {'model': name, 'params': count, 'bytes': size, **problem.quality(sums),
+  row = {'model': name, 'params': count, 'bytes': nbytes, **problem.quality(sums),
          **{f'latency_ms_b{b}': 1e3 * s for b, s in latency.items()}}
   _log(f'{name}: ' + ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}'
                                for k, v in row.items() if k != 'model'))

@@ -23,10 +23,10 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
-from llmopt_jax import optim, sharding, workdir as workdir_lib
+from llmopt_jax import optim, workdir as workdir_lib
 from llmopt_jax.distill import objective
 from llmopt_jax.quant import transform
-from llmopt_jax.stages import distill_tasks, quantize
+from llmopt_jax.stages import quantize
 from llmopt_jax.train import loop, trained
 
 
@@ -43,32 +43,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   recipes = quantize.recipes(config, 'variants')  # bad fields fail before any training
   _check_distill(config)
   optim.make_optimizer(config.optim, config.train.num_steps)
-  source_dir = quantize.ensure_source(config, workdir)
-  problem = distill_tasks.make(config, source_dir)
-  mesh, rules = sharding.from_config(config.mesh)
-  source = quantize.load_source(config, source_dir, problem)
-  rows = quantize.float_rows(source, problem, config, mesh, rules, workdir)
+  scorer = quantize.scorer(config, workdir)
+  rows = scorer.float_rows()
   for cfg in recipes:
-    rows.append(quantize.ptq_row(source, problem, cfg, config, mesh, rules, workdir))
-    ranges = quantize.activation_ranges(config, source, source.params, problem, cfg)
-    task = qat_task(config, source, problem, cfg, ranges)
-    subdir = os.path.join(workdir, f'qat-{cfg.name}')
-    quantize.log(f'QAT {cfg.name} in {subdir}.')
-    loop.train(config, subdir, task)
-    # The trained tree as stored (weights, and learned scales under LSQ), not its
-    # fake-quantized view: the integers are rounded from it once more, exactly as in training.
-    _, tree = trained.load_params(config, subdir, dataclasses.replace(task, params_transform=None))
-    params, learned = transform.split(tree)
-    quantized = transform.quantize(params, cfg, ranges, learned)
-    rows.append(quantize.row(f'{cfg.name} QAT', os.path.join(subdir, 'quantized'),
-                             source.graphdef, quantized, source.params, cfg, problem, config,
-                             mesh, rules))
-  report = {'rows': rows, 'source': source_dir, 'wall_time_s': time.perf_counter() - started,
-            'recipe': {k: v for k, v in dataclasses.asdict(recipes[0]).items()
-                       if k not in ('bits', 'granularity')},
-            'distill': config.qat.distill}
-  quantize.write_report(workdir, report, problem, 'Quantization-aware training')
+    rows.append(scorer.ptq_row(cfg))
+    rows.append(_qat_row(scorer, cfg))
+  report = quantize.report(scorer, rows, recipes, started, distill=config.qat.distill)
+  quantize.write_report(workdir, report, scorer.problem, 'Quantization-aware training')
   return report
+
+
+def _qat_row(scorer: quantize.Scorer, cfg) -> dict[str, Any]:
+  """Trains the recipe's QAT run in <workdir>/qat-<recipe>/, then scores its integers."""
+  config, source = scorer.config, scorer.source
+  ranges = scorer.ranges(cfg)
+  task = qat_task(config, source, scorer.problem, cfg, ranges)
+  subdir = f'qat-{cfg.name}'
+  quantize.log(f'QAT {cfg.name} in {os.path.join(scorer.workdir, subdir)}.')
+  loop.train(config, os.path.join(scorer.workdir, subdir), task)
+  # The trained tree as stored (weights, and learned scales under LSQ), not its fake-quantized
+  # view: the integers are rounded from it once more, exactly as in training.
+  _, tree = trained.load_params(config, os.path.join(scorer.workdir, subdir),
+                                dataclasses.replace(task, params_transform=None))
+  params, learned = transform.split(tree)
+  quantized = transform.quantize(params, cfg, ranges, learned)
+  return scorer.row(f'{cfg.name} QAT', os.path.join(subdir, 'quantized'), source.graphdef,
+                    quantized, cfg)
 
 
 def _check_distill(config: ml_collections.ConfigDict) -> None:

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import re
+import time
 from typing import Any
 
 import jax
@@ -24,11 +25,11 @@ import ml_collections
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llmopt_jax import compare, stages
+from llmopt_jax import compare, sharding, stages
 from llmopt_jax.hf.load import build
 from llmopt_jax.quant import calibration, checkpoint, transform
 from llmopt_jax.quant import config as quant_config
-from llmopt_jax.stages import distill
+from llmopt_jax.stages import distill, distill_tasks
 from llmopt_jax.train import trained
 
 _FINISHED = {'classification': 'report.json', 'lm': 'summary.json'}
@@ -98,49 +99,70 @@ def load_source(config: ml_collections.ConfigDict, source_dir: str, problem) -> 
   return Source(source_dir, graphdef, params, model_config, head)
 
 
-def activation_ranges(config, source: Source, params: nnx.State, problem,
-                      cfg: quant_config.QuantConfig):
-  """Static activations' calibrated ranges (None for weight-only or dynamic recipes)."""
-  if cfg.activations != 'static':
-    return None
-  batches = problem.calibration_batches(config.calibration.examples)
-  return calibration.activation_ranges(source.graphdef, params, cfg, problem.forward, batches)
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+  """Writes each variant under `workdir`, reads it back, and scores what was read."""
+  workdir: str
+  source: Source
+  problem: Any            # distill_tasks.Problem: held-out batches, quality, latency inputs
+  config: ml_collections.ConfigDict
+  mesh: Any
+  rules: Any
+
+  def row(self, name: str, subdir: str, graphdef: nnx.GraphDef, params: nnx.State,
+          cfg: quant_config.QuantConfig | None = None) -> dict[str, Any]:
+    """One row of the table; its bytes are the size of the file written in `subdir`."""
+    directory = os.path.join(self.workdir, subdir)
+    size = checkpoint.save(directory, params, cfg, {'variant': name})
+    loaded, _, _ = checkpoint.load(directory, self.source.params)
+    loaded = jax.device_put(loaded, NamedSharding(self.mesh, PartitionSpec()))
+    count = compare.size_of(self.source.params)[0]
+    out = distill.variant_row(name, graphdef, loaded, self.problem, self.config, self.mesh,
+                              self.rules, size=(count, size))
+    return {**out, 'directory': subdir}
+
+  def float_rows(self) -> list[dict[str, Any]]:
+    """float32 (the source as trained) and bfloat16 (weights and compute)."""
+    source = self.source
+    bf16 = jax.tree.map(lambda x: x.astype('bfloat16'), source.params)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: source.build(nnx.Rngs(0), 'bfloat16')))
+    return [self.row('float32', 'float32', source.graphdef, source.params),
+            self.row('bfloat16', 'bfloat16', graphdef, bf16)]
+
+  def ranges(self, cfg: quant_config.QuantConfig):
+    """Static activations' calibrated ranges (None for weight-only or dynamic recipes)."""
+    if cfg.activations != 'static':
+      return None
+    batches = self.problem.calibration_batches(self.config.calibration.examples)
+    return calibration.activation_ranges(self.source.graphdef, self.source.params, cfg,
+                                         self.problem.forward, batches)
+
+  def ptq_row(self, cfg: quant_config.QuantConfig) -> dict[str, Any]:
+    quantized = transform.quantize(self.source.params, cfg, self.ranges(cfg))
+    return self.row(f'{cfg.name} PTQ', f'ptq-{cfg.name}', self.source.graphdef, quantized, cfg)
 
 
-def row(name: str, directory: str, graphdef: nnx.GraphDef, params: nnx.State, like: nnx.State,
-        cfg: quant_config.QuantConfig | None, problem, config, mesh, rules) -> dict[str, Any]:
-  """Saves `params`, reads them back, and scores what was read: one row of the table."""
-  size = checkpoint.save(directory, params, cfg, {'variant': name})
-  loaded, _, _ = checkpoint.load(directory, like)
-  loaded = jax.device_put(loaded, NamedSharding(mesh, PartitionSpec()))
-  out = distill.variant_row(name, graphdef, loaded, problem, config, mesh, rules)
-  out.update(params=compare.size_of(like)[0], bytes=size,
-             directory=os.path.relpath(directory, os.path.dirname(directory)))
-  return out
-
-
-def float_rows(source: Source, problem, config, mesh, rules, workdir: str) -> list[dict]:
-  """float32 (the source as trained) and bfloat16 (weights and compute)."""
-  rows = [row('float32', os.path.join(workdir, 'float32'), source.graphdef, source.params,
-              source.params, None, problem, config, mesh, rules)]
-  bf16 = jax.tree.map(lambda x: x.astype('bfloat16'), source.params)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: source.build(nnx.Rngs(0), 'bfloat16')))
-  rows.append(row('bfloat16', os.path.join(workdir, 'bfloat16'), graphdef, bf16, bf16, None,
-                  problem, config, mesh, rules))
-  return rows
-
-
-def ptq_row(source: Source, problem, cfg, config, mesh, rules, workdir: str) -> dict:
-  ranges = activation_ranges(config, source, source.params, problem, cfg)
-  quantized = transform.quantize(source.params, cfg, ranges)
-  name = f'{cfg.name} PTQ'
-  return row(name, os.path.join(workdir, f'ptq-{cfg.name}'), source.graphdef, quantized,
-             source.params, cfg, problem, config, mesh, rules)
+def scorer(config: ml_collections.ConfigDict, workdir: str) -> Scorer:
+  """The source (trained first if need be) and everything needed to score its variants."""
+  source_dir = ensure_source(config, workdir)
+  problem = distill_tasks.make(config, source_dir)
+  mesh, rules = sharding.from_config(config.mesh)
+  source = load_source(config, source_dir, problem)
+  return Scorer(workdir, source, problem, config, mesh, rules)
 
 
 def log(message: str) -> None:
   if jax.process_index() == 0:
     print(message, flush=True)
+
+
+def report(scorer: Scorer, rows: list[dict], recipes: list[quant_config.QuantConfig],
+           started: float, **extra) -> dict[str, Any]:
+  """report.json's content: the rows, the source, the recipe fields every variant shares."""
+  shared = {k: v for k, v in dataclasses.asdict(recipes[0]).items()
+            if k not in ('bits', 'granularity')}
+  return {'rows': rows, 'source': scorer.source.workdir, 'recipe': shared,
+          'wall_time_s': time.perf_counter() - started, **extra}
 
 
 def write_report(workdir: str, report: dict[str, Any], problem, title: str) -> None:
