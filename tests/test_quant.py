@@ -52,12 +52,15 @@ RECIPES = {
     'int8-a8dyn': QuantConfig(activations='dynamic'),
     'int8-a8': QuantConfig(activations='static'),
     'int8-tensor-a8': QuantConfig(granularity='per_tensor', activations='static'),
+    # Groups inside an int8 x int8 contraction (one int32 partial sum per group).
+    'int4-g16-a8dyn': QuantConfig(bits=4, granularity='per_group', group_size=16,
+                                  activations='dynamic'),
 }
 # Every recipe on the tied LM (whose embedding is both looked up and contracted); the BERT
 # classifier's table is only looked up (`QuantizedKernel.take`); the untied LM adds lm_head.
 MODEL_RECIPES = {
     'llama_tied': ('int8', 'int4-g16', 'int4-asym', 'int8-a8dyn', 'int8-a8'),
-    'bert': ('int8', 'int4-asym-g16', 'int8-tensor-a8'),
+    'bert': ('int8', 'int4-asym-g16', 'int8-tensor-a8', 'int4-g16-a8dyn'),
     'llama_untied': ('int4-asym-g16',),
 }
 SHARDED_RECIPES = ('int4-g16', 'int8-a8dyn')

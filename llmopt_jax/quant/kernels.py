@@ -103,17 +103,36 @@ class QuantizedKernel:
 
 
 def _integer_einsum(spec: str, x: qwix.QArray, w: qwix.QArray) -> jax.Array:
-  """int8 x int8 -> int32 dot, then the scales. Both scales are 1 on the contracted dims
-  (per-token activations, per-channel or per-tensor symmetric weights), so their einsum is
-  just their outer product on the output's shape. Weights with zero points or groups inside
-  the contraction go through `qwix.einsum`, which handles both (more slowly on CPU)."""
+  """int8 x int8 -> int32 einsum, then the scales, which are applied to the output: both are
+  1 on the contracted dims (per-token activations; per-channel or per-tensor weights), so
+  their einsum is their outer product on the output's shape. Per-group weights split the
+  grouped dim into (group, within): the int32 einsum keeps one partial sum per group, each
+  gets its own weight scale, and the groups are summed in float. Weights with zero points go
+  through `qwix.einsum` (correct, but several times slower on CPU)."""
   lhs, rhs, contracted = _contracted(spec)
-  on_contracted = [w.scale.shape[rhs.index(c)] for c in contracted]
-  if w.zero_point is not None or any(n != 1 for n in on_contracted):
+  out = spec.replace(' ', '').split('->')[1]
+  grouped = [c for c in contracted if w.scale.shape[rhs.index(c)] != 1]
+  if w.zero_point is not None or len(grouped) > 1:
     return qwix.einsum(spec, x, w)
-  acc = jnp.einsum(spec, x.qvalue, w.qvalue.astype(jnp.int8),
-                   preferred_element_type=jnp.int32)
-  return acc.astype(jnp.float32) * jnp.einsum(spec, x.scale, w.scale)
+  xq, wq, ws = x.qvalue, w.qvalue.astype(jnp.int8), w.scale
+  scale_spec = spec
+  if grouped:
+    (c,) = grouped
+    groups = ws.shape[rhs.index(c)]
+    g = next(letter for letter in 'abcdefghijklmnopqrstuvwxyz' if letter not in spec)
+    xq = _split(xq, lhs.index(c), groups)
+    wq, ws = _split(wq, rhs.index(c), groups), _split(ws, rhs.index(c), groups)
+    lhs_g, rhs_g = lhs.replace(c, g + c), rhs.replace(c, g + c)
+    spec, scale_spec = f'{lhs_g},{rhs_g}->{out}{g}', f'{lhs},{rhs_g}->{out}{g}'
+  acc = jnp.einsum(spec, xq, wq, preferred_element_type=jnp.int32)
+  y = acc.astype(jnp.float32) * jnp.einsum(scale_spec, x.scale, ws)
+  return y.sum(-1) if grouped else y
+
+
+def _split(a: jax.Array, axis: int, groups: int) -> jax.Array:
+  """`a` with dim `axis` reshaped to (groups, size // groups)."""
+  shape = a.shape[:axis] + (groups, a.shape[axis] // groups) + a.shape[axis + 1:]
+  return a.reshape(shape)
 
 
 def _rows(stat: jax.Array, ids: jax.Array, width: int) -> jax.Array:
