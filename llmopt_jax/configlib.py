@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
+from collections.abc import Sequence
 
 import ml_collections
 
@@ -125,3 +127,16 @@ def sibling(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def regexes(value: str | Sequence[str], field: str) -> tuple[str, ...]:
+  """A config field of regular expressions as a tuple, each one checked: one pattern given as
+  a string on the command line is one pattern, not characters. Errors name `field`."""
+  value = (value,) if isinstance(value, str) else tuple(value)
+  for pattern in value:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f'{field}: bad regular expression {pattern!r}: {e}') from None
+  return value
+

@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from llmopt_jax import optim, sharding
+from llmopt_jax import configlib, optim, sharding
 
 METHODS = ('none', 'lora')
 # Every attention and MLP kernel (Hu et al. adapt q and v only; adapting all of them is the
@@ -96,15 +96,8 @@ class LoraConfig:
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f'config.peft.dropout must lie in [0, 1), got {self.dropout!r}')
     for field in ('targets', 'trainable'):
-      value = getattr(self, field)
-      value = (value,) if isinstance(value, str) else tuple(value)
-      object.__setattr__(self, field, value)
-      for pattern in value:
-        try:
-          re.compile(pattern)
-        except re.error as e:
-          raise ValueError(f'config.peft.{field}: bad regular expression {pattern!r}: {e}'
-                           ) from None
+      object.__setattr__(self, field, configlib.regexes(getattr(self, field),
+                                                        f'config.peft.{field}'))
 
   @property
   def scale(self) -> float:

@@ -7,9 +7,10 @@ Every field is checked here, once, so a bad value is a one-line error naming the
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import ml_collections
+
+from llmopt_jax import configlib
 
 BITS = (4, 8)
 GRANULARITIES = ('per_tensor', 'per_channel', 'per_group')
@@ -58,15 +59,8 @@ class QuantConfig:
       raise ValueError('config.quant.scale=learned supports symmetric=True only (LSQ learns '
                        'one step size; a learned zero point is not implemented)')
     for field in ('targets', 'exclude'):
-      value = getattr(self, field)
-      value = (value,) if isinstance(value, str) else tuple(value)
-      object.__setattr__(self, field, value)
-      for pattern in value:
-        try:
-          re.compile(pattern)
-        except re.error as e:
-          raise ValueError(f'config.quant.{field}: bad regular expression {pattern!r}: {e}'
-                           ) from None
+      object.__setattr__(self, field, configlib.regexes(getattr(self, field),
+                                                        f'config.quant.{field}'))
 
   @property
   def name(self) -> str:

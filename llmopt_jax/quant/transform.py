@@ -83,48 +83,49 @@ def _scales_for(parts: Path, w: jax.Array, lay: numerics.Layout, cfg: QuantConfi
   return jax.lax.stop_gradient(scale), None if zero is None else jax.lax.stop_gradient(zero)
 
 
-def quantize(params: nnx.State, cfg: QuantConfig,
-             act_ranges: Mapping[Path, jax.Array] | None = None,
-             scales: Mapping[Path, jax.Array] | None = None) -> nnx.State:
-  """The model's parameters with integers + scales in place of every target kernel."""
+def _replace_targets(params: nnx.State, cfg: QuantConfig, new_value: Callable) -> nnx.State:
+  """`params` with every target kernel's value replaced by new_value(path, w, layout)."""
   chosen = targets(params, cfg)
-  qtype = jnp.int8 if cfg.bits == 8 else jnp.int4
   out = []
   for parts, var in nnx.to_flat_state(params):
     parts = tuple(parts)
     if parts in chosen:
-      w, lay = var.get_value(), chosen[parts]
-      scale, zero = _scales_for(parts, w, lay, cfg, scales)
-      q = numerics.integers(w, scale, zero, lay, cfg.bits).astype(qtype)
-      weight = qwix.QArray(q, scale.astype(jnp.float32),
-                           None if zero is None else zero.astype(qtype), qtype)
-      # A table that is only looked up has no range, and needs none.
-      act = None if act_ranges is None else act_ranges.get(parts)
-      var = var.replace(kernels.QuantizedKernel(weight, act, cfg.activations))
+      var = var.replace(new_value(parts, var.get_value(), chosen[parts]))
     out.append((parts, var))
   return nnx.from_flat_state(out)
+
+
+def quantize(params: nnx.State, cfg: QuantConfig,
+             act_ranges: Mapping[Path, jax.Array] | None = None,
+             scales: Mapping[Path, jax.Array] | None = None) -> nnx.State:
+  """The model's parameters with integers + scales in place of every target kernel."""
+  qtype = jnp.int8 if cfg.bits == 8 else jnp.int4
+
+  def integers(parts: Path, w: jax.Array, lay: numerics.Layout) -> kernels.QuantizedKernel:
+    scale, zero = _scales_for(parts, w, lay, cfg, scales)
+    q = numerics.integers(w, scale, zero, lay, cfg.bits).astype(qtype)
+    weight = qwix.QArray(q, scale.astype(jnp.float32),
+                         None if zero is None else zero.astype(qtype), qtype)
+    # A table that is only looked up has no range, and needs none.
+    act = None if act_ranges is None else act_ranges.get(parts)
+    return kernels.QuantizedKernel(weight, act, cfg.activations)
+  return _replace_targets(params, cfg, integers)
 
 
 def fake_quantize(params: nnx.State, cfg: QuantConfig,
                   act_ranges: Mapping[Path, jax.Array] | None = None,
                   scales: Mapping[Path, jax.Array] | None = None) -> nnx.State:
   """QAT's view of the parameters: target kernels on the grid, straight-through gradients."""
-  chosen = targets(params, cfg)
-  out = []
-  for parts, var in nnx.to_flat_state(params):
-    parts = tuple(parts)
-    if parts in chosen:
-      w, lay = var.get_value(), chosen[parts]
-      scale, zero = _scales_for(parts, w, lay, cfg, scales)
-      if scales is not None and parts in scales:
-        scale = _lsq_gradient_scale(scale, lay, cfg.bits)
-      value = numerics.fake_quant(w, scale, zero, lay, cfg.bits)
-      if cfg.activations != 'none':
-        act = None if act_ranges is None else act_ranges.get(parts)
-        value = kernels.FakeQuantKernel(value, act, cfg.activations)
-      var = var.replace(value)
-    out.append((parts, var))
-  return nnx.from_flat_state(out)
+  def on_grid(parts: Path, w: jax.Array, lay: numerics.Layout):
+    scale, zero = _scales_for(parts, w, lay, cfg, scales)
+    if scales is not None and parts in scales:
+      scale = _lsq_gradient_scale(scale, lay, cfg.bits)
+    value = numerics.fake_quant(w, scale, zero, lay, cfg.bits)
+    if cfg.activations == 'none':
+      return value
+    act = None if act_ranges is None else act_ranges.get(parts)
+    return kernels.FakeQuantKernel(value, act, cfg.activations)
+  return _replace_targets(params, cfg, on_grid)
 
 
 def _lsq_gradient_scale(scale: jax.Array, lay: numerics.Layout, bits: int) -> jax.Array:
