@@ -28,6 +28,7 @@ from llmopt_jax.models.heads import SequenceClassifier
 from llmopt_jax.models.transformer import Transformer
 from llmopt_jax.stages import distill, distill_tasks
 from llmopt_jax.train import state as state_lib
+from llmopt_jax.train.checkpoint import Checkpoints
 from llmopt_jax.train import step as step_lib
 
 NUM_CLASSES = 5
@@ -331,6 +332,21 @@ def test_tiny_run_writes_a_report_of_teacher_and_both_students(classification_ru
   assert rows['student_kd']['params'] < rows['teacher']['params']
   text = (workdir / 'report.md').read_text()
   assert all(name in text for name in rows)
+
+
+def test_both_students_train_on_the_same_batches(classification_run):
+  """They share one training iterator: each run must start it at the same place, so the
+  comparison differs in the loss alone (and not in which batches each student saw)."""
+  positions = []
+  for name in ('student_labels', 'student_kd'):
+    checkpoints = Checkpoints(str(classification_run.workdir / name / 'checkpoints'),
+                              keep_last=100, keep_best=0, best_metric='eval/loss',
+                              best_mode='min')
+    try:
+      positions.append(checkpoints.restore_progress(2)['data'])
+    finally:
+      checkpoints.close()
+  assert positions[0] == positions[1]
 
 
 def test_distillation_leaves_the_teacher_run_unchanged(classification_run):

@@ -66,10 +66,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   runs = [('student_kd', True)]
   if config.distill.baseline:
     runs.insert(0, ('student_labels', False))
+  # The students share one training iterator; each starts it at the same place, so both see
+  # the same batches in the same order (a resumed run restores its own position anyway).
+  data_start = base_task.train_data.get_state()
   for name, distilled in runs:
     task = student_task(config, workdir, base_task, teacher, problem, distilled)
     subdir = os.path.join(workdir, name)
     _log(f'Training {name} ({"distilled" if distilled else "labels only"}) in {subdir}.')
+    base_task.train_data.set_state(data_start)
     loop.train(config, subdir, task)
     _, params = trained.load_params(config, subdir, task)
     student_graphdef = nnx.graphdef(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))).student)

@@ -45,8 +45,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   optim.make_optimizer(config.optim, config.train.num_steps)
   scorer = quantize.scorer(config, workdir)
   rows = scorer.float_rows()
+  # Every QAT run starts the shared training iterator at the same place: the same batches in
+  # the same order for every recipe, whichever ran before it.
+  data_start = scorer.problem.student_task.train_data.get_state()
   for cfg in recipes:
     rows.append(scorer.ptq_row(cfg))
+    scorer.problem.student_task.train_data.set_state(data_start)
     rows.append(_qat_row(scorer, cfg))
   report = quantize.report(scorer, rows, recipes, started, distill=config.qat.distill)
   quantize.write_report(workdir, report, scorer.problem, 'Quantization-aware training')
