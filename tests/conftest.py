@@ -7,6 +7,17 @@ os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8']).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# One persistent XLA compilation cache per test session, shared by the xdist workers (they
+# inherit the controller's environment) and every main.py subprocess: the same tiny models
+# are compiled by many tests, and a cache hit skips the compile. Removed at the end.
+if 'PYTEST_XDIST_WORKER' not in os.environ and 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import atexit  # noqa: E402
+  import shutil  # noqa: E402
+  import tempfile  # noqa: E402
+  _CACHE = tempfile.mkdtemp(prefix='llmopt_jax_xla_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import importlib.util  # noqa: E402  (after the environment above is fixed)
 
@@ -53,3 +64,29 @@ def pretrain_workdir(tfds_dir, tmp_path_factory) -> str:
   workdir = str(tmp_path_factory.mktemp('pretrain'))
   pretrain.run(config, workdir)
   return workdir
+
+
+def tiny_bert(directory: str) -> str:
+  """A random 2-layer, 32-wide BERT with MiniLM's tokenizer as a Hugging Face directory: a
+  stand-in for MiniLM where a test needs the classification chain but not MiniLM's weights,
+  whose compilation (and teacher passes over Banking77) would take minutes on a CPU."""
+  import json
+  import jax
+  from flax import nnx
+  from llmopt_jax import hf
+  from llmopt_jax.hf import configs as hf_configs
+  from llmopt_jax.models.transformer import Transformer
+  with open(os.path.join(hf.minilm_path(), 'config.json'), encoding='utf-8') as f:
+    config = hf_configs.config_from_hf(json.load(f)).replace(
+        num_layers=2, embed_dim=32, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64,
+        max_positions=32)
+  build = lambda: Transformer(config, rngs=nnx.Rngs(0))
+  params = jax.jit(lambda: nnx.state(build(), nnx.Param))()
+  return hf.export(params, config, directory, tokenizer_dir=hf.minilm_path())
+
+
+@pytest.fixture(scope='session')
+def tiny_bert_dir(tmp_path_factory) -> str:
+  """`tiny_bert`, made once per test session (per xdist worker)."""
+  return tiny_bert(str(tmp_path_factory.mktemp('tiny_bert')))
+

@@ -17,15 +17,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import load_config, restore_state
-from llmopt_jax import classification_metrics, configlib, hf, optim, sharding, stages
+from conftest import load_config, restore_state, tiny_bert
+from llmopt_jax import classification_metrics, configlib, optim, sharding, stages
 from llmopt_jax.data import intents
 from llmopt_jax.distill import losses, objective
 from llmopt_jax.distill.student import DistillStudent
-from llmopt_jax.hf import configs as hf_configs
 from llmopt_jax.models.config import TransformerConfig
 from llmopt_jax.models.heads import SequenceClassifier
-from llmopt_jax.models.transformer import Transformer
 from llmopt_jax.stages import distill, distill_tasks
 from llmopt_jax.train import state as state_lib
 from llmopt_jax.train.checkpoint import Checkpoints
@@ -258,18 +256,6 @@ def test_train_steps_leave_the_teacher_bitwise_unchanged(one_device, eight_devic
 
 # ---- The stage: configs/distill.py:tiny, shrunk ---------------------------------------------
 
-def _tiny_bert(directory: str) -> str:
-  """A random 2-layer, 32-wide BERT with MiniLM's tokenizer as a Hugging Face directory: the
-  teacher's and students' starting point instead of MiniLM, whose compilation and teacher
-  cache over Banking77 would take minutes on a CPU."""
-  with open(os.path.join(hf.minilm_path(), 'config.json'), encoding='utf-8') as f:
-    config = hf_configs.config_from_hf(json.load(f)).replace(
-        num_layers=2, embed_dim=32, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64,
-        max_positions=32)
-  _, params = _split(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-  return hf.export(params, config, directory, tokenizer_dir=hf.minilm_path())
-
-
 def _shrink(config, num_steps: int) -> None:
   config.train.update(num_steps=num_steps, eval_every=num_steps, eval_batches=1)
   config.checkpoint.every_steps = 2
@@ -293,7 +279,7 @@ def classification_run(tmp_path_factory):
   before the students train; the stage then finds it finished and reuses it.
   """
   root = tmp_path_factory.mktemp('distill')
-  start = _tiny_bert(str(root / 'bert'))
+  start = tiny_bert(str(root / 'bert'))
   workdir = root / 'run'
   config = load_config('distill', 'tiny')
   config.init.model = config.teacher.config.init.model = start

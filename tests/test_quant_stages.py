@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from conftest import load_config, restore_state
+from conftest import load_config, restore_state, tiny_bert
 from llmopt_jax import stages
 from llmopt_jax.quant import checkpoint, kernels, storage
 from llmopt_jax.stages import distill_tasks, ptq, qat, quantize
-from test_distill import _shrink, _tiny_bert, _tree_digest
+from test_distill import _shrink, _tree_digest
 
 
 def _rows(report: dict) -> dict[str, dict]:
@@ -26,7 +26,7 @@ def _rows(report: dict) -> dict[str, dict]:
 def ptq_run(tmp_path_factory):
   """configs/ptq.py:tiny on a tiny BERT: the source fine-tune is trained inside the run."""
   root = tmp_path_factory.mktemp('ptq')
-  start = _tiny_bert(str(root / 'bert'))
+  start = tiny_bert(str(root / 'bert'))
   config = load_config('ptq', 'tiny')
   config.init.model = config.source.config.init.model = start
   config.test_batches = config.source.config.test_batches = 1
