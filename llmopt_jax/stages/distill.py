@@ -4,9 +4,9 @@ Chain: the teacher (a finished fine-tune or pretrain workdir, or trained first i
 <workdir>/teacher) -> its parameters on the mesh as the step's constants -> two students of
 the same size from the same start (every k-th block of the pretrained model the teacher was
 fine-tuned from, or of the teacher itself, or scratch): one on the labels only
-(<workdir>/student_labels), one distilled (<workdir>/student_kd), each through the spine's loop with its own checkpoints -> every model
-scored on the same held-out batches, sized from its arrays, timed at batch 1 and 64 ->
-report.md / report.json.
+(<workdir>/student_labels), one distilled (<workdir>/student_kd), each through the spine's
+loop with its own checkpoints and the same batches -> every model scored on the same held-out
+batches, sized from its arrays, timed at batch 1 and 64 -> report.md / report.json.
 
 Every sub-run resumes like any run, so an interrupted distillation continues where it stopped
 and a finished one only rebuilds the report. The teacher's tensors never enter a student's
