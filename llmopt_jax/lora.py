@@ -129,8 +129,15 @@ def _path(parts: Sequence[Any]) -> str:
   return optim.param_path(parts)
 
 
-def _matches(patterns: Sequence[str], path: str) -> bool:
+def matches(patterns: Sequence[str], path: str) -> bool:
+  """Whether any of the regexes matches `path` in full."""
   return any(re.fullmatch(p, path) for p in patterns)
+
+
+def is_kernel(parts: Sequence[Any], var: nnx.Variable) -> bool:
+  """A weight matrix (two or more dims), not a bias or a norm scale: what techniques that act
+  on kernels (LoRA, quantization) may target."""
+  return var.get_value().ndim >= 2 and parts[-1] not in _NOT_KERNELS
 
 
 def add_adapters(params: nnx.State, cfg: LoraConfig, rng: jax.Array) -> nnx.State:
@@ -142,9 +149,8 @@ def add_adapters(params: nnx.State, cfg: LoraConfig, rng: jax.Array) -> nnx.Stat
   the head silently.
   """
   flat = list(nnx.to_flat_state(params))
-  is_kernel = lambda parts, var: var.get_value().ndim >= 2 and parts[-1] not in _NOT_KERNELS
   kernels = [(parts, var) for parts, var in flat
-             if is_kernel(parts, var) and _matches(cfg.targets, _path(parts))]
+             if is_kernel(parts, var) and matches(cfg.targets, _path(parts))]
   if not kernels:
     examples = [_path(parts) for parts, var in flat if is_kernel(parts, var)][:4]
     raise ValueError(f'config.peft.targets {cfg.targets} match no kernel; kernel paths look '
@@ -227,7 +233,7 @@ def is_frozen(cfg: LoraConfig) -> Callable[[str], bool]:
   prefix = f'{_BASE}/'
 
   def frozen(path: str) -> bool:
-    return path.startswith(prefix) and not _matches(cfg.trainable, path[len(prefix):])
+    return path.startswith(prefix) and not matches(cfg.trainable, path[len(prefix):])
   return frozen
 
 

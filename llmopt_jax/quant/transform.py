@@ -37,7 +37,6 @@ from llmopt_jax.quant import kernels, numerics
 from llmopt_jax.quant.config import QuantConfig
 
 _BASE, _SCALES = 'base', 'qscale'
-_NOT_KERNELS = frozenset({'bias', 'scale'})
 Path = tuple[Any, ...]
 
 
@@ -54,22 +53,20 @@ def targets(params: nnx.State, cfg: QuantConfig) -> dict[Path, numerics.Layout]:
   """{path: layout} of the kernels `cfg` quantizes. Fails when nothing matches: a typo in a
   pattern would otherwise leave the model silently in float."""
   flat = list(nnx.to_flat_state(params))
-  is_kernel = lambda parts, var: (
-      var.get_value().ndim >= 2 and parts[-1] not in _NOT_KERNELS)
   depth = _depth([_path(parts) for parts, _ in flat])
   edges = {'blocks/0/', f'blocks/{depth - 1}/'} if cfg.exclude_first_last else set()
   chosen = {}
   for parts, var in flat:
     path = _path(parts)
-    if not is_kernel(parts, var) or not any(re.fullmatch(p, path) for p in cfg.targets):
+    if not lora.is_kernel(parts, var) or not lora.matches(cfg.targets, path):
       continue
-    if any(re.fullmatch(p, path) for p in cfg.exclude) or any(e in path for e in edges):
+    if lora.matches(cfg.exclude, path) or any(e in path for e in edges):
       continue
     table = parts[-1] == 'embedding'
     chosen[tuple(parts)] = numerics.layout(
         var.get_value().shape, lora.input_dims(var), cfg, table=table, name=path)
   if not chosen:
-    examples = [_path(p) for p, v in flat if is_kernel(p, v)][:4]
+    examples = [_path(p) for p, v in flat if lora.is_kernel(p, v)][:4]
     raise ValueError(f'config.quant.targets {cfg.targets} (minus exclude) match no kernel; '
                      f'kernel paths look like {examples}')
   return chosen
