@@ -6,7 +6,10 @@ Looked up by name and imported on demand, so a stage's heavy imports cost nothin
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+import jax
 
 import ml_collections
 
@@ -25,3 +28,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   if name not in STAGES:
     raise ValueError(f'config.stage={name!r}; choose from {sorted(STAGES)}')
   return importlib.import_module(STAGES[name]).run(config, workdir)
+
+
+# What a finished run of each kind of task leaves in its workdir.
+FINISHED = {'classification': 'report.json', 'lm': 'summary.json'}
+
+
+def log(message: str) -> None:
+  """A progress line, from the first process only."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def finished_run(given: str, field: str, default_dir: str, config: ml_collections.ConfigDict,
+                 task: str) -> str:
+  """The workdir of a finished run that a stage builds on (a distillation's teacher, a
+  quantization's source): `given`, the value of config field `field`, checked to hold one;
+  or, `given` empty, `default_dir`, after running `config` there if it has not finished
+  (resumed like any run)."""
+  marker = FINISHED[task]
+  if given:
+    if not os.path.exists(os.path.join(given, marker)):
+      raise ValueError(f'{field}={given!r} holds no finished run (no {marker}); leave it '
+                       f'empty to train one in {default_dir}')
+    return given
+  if not os.path.exists(os.path.join(default_dir, marker)):
+    log(f'No finished run in {default_dir} yet: training it (stage {config.stage}).')
+    run(config, default_dir)
+  return default_dir
+

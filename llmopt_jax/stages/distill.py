@@ -39,9 +39,6 @@ from llmopt_jax.train import loop, step as step_lib, trained
 # teacher's task knowledge through its weights), or random.
 STUDENT_INITS = ('pretrained', 'teacher', 'scratch')
 
-# What a finished teacher run leaves behind, by task.
-_FINISHED = {'classification': 'report.json', 'lm': 'summary.json'}
-
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
@@ -56,7 +53,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
   _check_fields(config)  # before the teacher, which may take a while to train
-  teacher_dir = _ensure_teacher(config, workdir)
+  teacher_dir = stages.finished_run(config.teacher.workdir, 'config.teacher.workdir',
+                                    os.path.join(workdir, 'teacher'), config.teacher.config,
+                                    config.task)
   problem = distill_tasks.make(config, teacher_dir)
   mesh, rules = sharding.from_config(config.mesh)
   teacher = _load_teacher(config, teacher_dir, problem)
@@ -72,7 +71,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for name, distilled in runs:
     task = student_task(config, workdir, base_task, teacher, problem, distilled)
     subdir = os.path.join(workdir, name)
-    _log(f'Training {name} ({"distilled" if distilled else "labels only"}) in {subdir}.')
+    stages.log(f'Training {name} ({"distilled" if distilled else "labels only"}) in {subdir}.')
     base_task.train_data.set_state(data_start)
     loop.train(config, subdir, task)
     _, params = trained.load_params(config, subdir, task)
@@ -85,11 +84,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return report
 
 
-def _log(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
 def _check_fields(config: ml_collections.ConfigDict) -> None:
   """The distill and student fields that can be checked without knowing the teacher."""
   if config.student.init not in STUDENT_INITS:
@@ -100,23 +94,6 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
   fields = ml_collections.ConfigDict(config.distill.to_dict())
   fields.layer_map = ''  # checked against the teacher's depth once it is known
   objective.DistillConfig.from_config(fields, config.train.num_steps, 1, 1)
-
-
-def _ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The teacher's workdir, after training the teacher there if it has not finished."""
-  marker = _FINISHED[config.task]
-  if config.teacher.workdir:
-    if not os.path.exists(os.path.join(config.teacher.workdir, marker)):
-      raise ValueError(f'config.teacher.workdir={config.teacher.workdir!r} holds no finished '
-                       f'run (no {marker}); leave it empty to train the teacher in the '
-                       f'distill workdir')
-    return config.teacher.workdir
-  teacher_dir = os.path.join(workdir, 'teacher')
-  if not os.path.exists(os.path.join(teacher_dir, marker)):
-    _log(f'No finished teacher yet: training it in {teacher_dir} '
-         f'(stage {config.teacher.config.stage}).')
-    stages.run(config.teacher.config, teacher_dir)
-  return teacher_dir
 
 
 def _load_teacher(config, teacher_dir: str, problem) -> Teacher:
@@ -214,7 +191,7 @@ def variant_row(name: str, graphdef: nnx.GraphDef, params: nnx.State, problem, c
   latency = compare.latency_per_query(graphdef, params, problem.forward, problem.make_batch)
   row = {'model': name, 'params': count, 'bytes': nbytes, **problem.quality(sums),
          **{f'latency_ms_b{b}': 1e3 * s for b, s in latency.items()}}
-  _log(f'{name}: ' + ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}'
+  stages.log(f'{name}: ' + ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}'
                                for k, v in row.items() if k != 'model'))
   return row
 

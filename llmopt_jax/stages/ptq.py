@@ -24,7 +24,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   started = time.perf_counter()
   recipes = quantize.recipes(config, 'variants')  # a bad field fails before any training
   scorer = quantize.scorer(config, workdir)
-  rows = scorer.float_rows() + [scorer.ptq_row(cfg) for cfg in recipes]
+  rows = scorer.float_rows() + [scorer.ptq_row(cfg, scorer.ranges(cfg)) for cfg in recipes]
   report = quantize.report(scorer, rows, recipes, started)
   quantize.write_report(workdir, report, scorer.problem, 'Post-training quantization')
   return report

@@ -23,7 +23,7 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
-from llmopt_jax import optim, workdir as workdir_lib
+from llmopt_jax import optim, stages, workdir as workdir_lib
 from llmopt_jax.distill import objective
 from llmopt_jax.quant import transform
 from llmopt_jax.stages import quantize
@@ -49,21 +49,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # the same order for every recipe, whichever ran before it.
   data_start = scorer.problem.student_task.train_data.get_state()
   for cfg in recipes:
-    rows.append(scorer.ptq_row(cfg))
+    ranges = scorer.ranges(cfg)  # calibrated once, for PTQ and QAT alike
+    rows.append(scorer.ptq_row(cfg, ranges))
     scorer.problem.student_task.train_data.set_state(data_start)
-    rows.append(_qat_row(scorer, cfg))
+    rows.append(_qat_row(scorer, cfg, ranges))
   report = quantize.report(scorer, rows, recipes, started, distill=config.qat.distill)
   quantize.write_report(workdir, report, scorer.problem, 'Quantization-aware training')
   return report
 
 
-def _qat_row(scorer: quantize.Scorer, cfg) -> dict[str, Any]:
+def _qat_row(scorer: quantize.Scorer, cfg, ranges) -> dict[str, Any]:
   """Trains the recipe's QAT run in <workdir>/qat-<recipe>/, then scores its integers."""
   config, source = scorer.config, scorer.source
-  ranges = scorer.ranges(cfg)
   task = qat_task(config, source, scorer.problem, cfg, ranges)
   subdir = f'qat-{cfg.name}'
-  quantize.log(f'QAT {cfg.name} in {os.path.join(scorer.workdir, subdir)}.')
+  stages.log(f'QAT {cfg.name} in {os.path.join(scorer.workdir, subdir)}.')
   loop.train(config, os.path.join(scorer.workdir, subdir), task)
   # The trained tree as stored (weights, and learned scales under LSQ), not its fake-quantized
   # view: the integers are rounded from it once more, exactly as in training.

@@ -32,7 +32,6 @@ from llmopt_jax.quant import config as quant_config
 from llmopt_jax.stages import distill, distill_tasks
 from llmopt_jax.train import trained
 
-_FINISHED = {'classification': 'report.json', 'lm': 'summary.json'}
 _VARIANT = re.compile(r'int(4|8)(?:-(channel|group|tensor))?')
 _GRANULARITY = {None: 'per_channel', 'channel': 'per_channel', 'group': 'per_group',
                 'tensor': 'per_tensor'}
@@ -66,22 +65,6 @@ def recipes(config: ml_collections.ConfigDict, field: str) -> list[quant_config.
     out.append(quant_config.from_config(
         config.quant, bits=int(match.group(1)), granularity=_GRANULARITY[match.group(2)]))
   return out
-
-
-def ensure_source(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The source's workdir, after training it in <workdir>/source if it has not finished."""
-  if config.source.workdir:
-    path = config.source.workdir
-    if not os.path.exists(os.path.join(path, 'config.json')):
-      raise ValueError(f'config.source.workdir={path!r} is not a finished run (no '
-                       f'config.json); leave it empty to train the source in the workdir')
-    return path
-  path = os.path.join(workdir, 'source')
-  if not os.path.exists(os.path.join(path, _FINISHED[config.task])):
-    log(f'No finished source model yet: training it in {path} '
-         f'(stage {config.source.config.stage}).')
-    stages.run(config.source.config, path)
-  return path
 
 
 def load_source(config: ml_collections.ConfigDict, source_dir: str, problem) -> Source:
@@ -137,23 +120,21 @@ class Scorer:
     return calibration.activation_ranges(self.source.graphdef, self.source.params, cfg,
                                          self.problem.forward, batches)
 
-  def ptq_row(self, cfg: quant_config.QuantConfig) -> dict[str, Any]:
-    quantized = transform.quantize(self.source.params, cfg, self.ranges(cfg))
+  def ptq_row(self, cfg: quant_config.QuantConfig, ranges=None) -> dict[str, Any]:
+    """The recipe applied to the source as it is; `ranges`: `self.ranges(cfg)`."""
+    quantized = transform.quantize(self.source.params, cfg, ranges)
     return self.row(f'{cfg.name} PTQ', f'ptq-{cfg.name}', self.source.graphdef, quantized, cfg)
 
 
 def scorer(config: ml_collections.ConfigDict, workdir: str) -> Scorer:
   """The source (trained first if need be) and everything needed to score its variants."""
-  source_dir = ensure_source(config, workdir)
+  source_dir = stages.finished_run(config.source.workdir, 'config.source.workdir',
+                                   os.path.join(workdir, 'source'), config.source.config,
+                                   config.task)
   problem = distill_tasks.make(config, source_dir)
   mesh, rules = sharding.from_config(config.mesh)
   source = load_source(config, source_dir, problem)
   return Scorer(workdir, source, problem, config, mesh, rules)
-
-
-def log(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)
 
 
 def report(scorer: Scorer, rows: list[dict], recipes: list[quant_config.QuantConfig],
