@@ -33,6 +33,8 @@ buffer in the checkpoint.)
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -54,11 +56,60 @@ _EMBEDDING_NAMES = frozenset({'embedding'})
 _BLOCK_INDEX = re.compile(r'(?:^|/)(?:blocks|layers|layer)/(\d+)(?:/|$)')
 
 
-def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """`config.optim`, checked once: every bad value is a one-line error naming its field.
+  The fields are documented where configs get them (`configlib.optimizer`)."""
+  lr: float
+  schedule: str = 'cosine'
+  warmup_steps: int = 0
+  end_lr_factor: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  decay_embeddings: bool = False
+  clip_norm: float = 1.0
+  freeze: tuple[str, ...] = ()
+  layer_decay: float = 1.0
+
+  def __post_init__(self):
+    # lr = 0 is allowed (a run whose weights must not move); a negative one would ascend.
+    _check_range('lr', self.lr, 0.0, math.inf)
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f'config.optim.schedule={self.schedule!r}; choose from {SCHEDULES}')
+    if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or (
+        self.warmup_steps < 0):
+      raise ValueError(f'config.optim.warmup_steps={self.warmup_steps!r} must be an int >= 0')
+    _check_range('end_lr_factor', self.end_lr_factor, 0.0, 1.0)
+    _check_range('b1', self.b1, 0.0, 1.0, upper_open=True)
+    _check_range('b2', self.b2, 0.0, 1.0, upper_open=True)
+    for name in ('eps', 'weight_decay', 'clip_norm'):
+      _check_range(name, getattr(self, name), 0.0, math.inf)
+    if not 0.0 < self.layer_decay <= 1.0:
+      raise ValueError(f'config.optim.layer_decay={self.layer_decay} must lie in (0, 1]; 1 is '
+                       f'off')
+    freeze = (self.freeze,) if isinstance(self.freeze, str) else tuple(self.freeze)
+    _compile_patterns(freeze, 'config.optim.freeze')  # a bad pattern fails here, not at init
+    object.__setattr__(self, 'freeze', freeze)
+
+  @classmethod
+  def from_config(cls, optim: ml_collections.ConfigDict) -> OptimConfig:
+    return cls(**{f.name: optim[f.name] for f in dataclasses.fields(cls) if f.name in optim})
+
+
+def _check_range(name: str, value: float, low: float, high: float, *,
+                 upper_open: bool = False) -> None:
+  inside = low <= value < high if upper_open else low <= value <= high
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not inside:
+    bracket = ')' if upper_open or math.isinf(high) else ']'
+    raise ValueError(f'config.optim.{name}={value!r} must be a number in [{low}, {high}'
+                     f'{bracket}')
+
+
+def make_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to `lr`, then cosine or linear decay to `lr * end_lr_factor`."""
-  if optim.schedule not in SCHEDULES:
-    raise ValueError(f'config.optim.schedule={optim.schedule!r}; choose from {SCHEDULES}')
-  if optim.warmup_steps < 0 or optim.warmup_steps > total_steps:
+  if optim.warmup_steps > total_steps:
     raise ValueError(
         f'config.optim.warmup_steps={optim.warmup_steps} must lie in [0, {total_steps}]')
   warmup = optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1))
@@ -180,16 +231,12 @@ def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(
-    optim: ml_collections.ConfigDict, total_steps: int, *,
+    optim: OptimConfig, total_steps: int, *,
     frozen: Callable[[str], bool] | None = None) -> optax.GradientTransformation:
   """The full update rule: clipping and AdamW on a schedule for the trainable parameters,
   nothing for the frozen ones (`config.optim.freeze` patterns, or `frozen(path)` true), then
   layer-wise learning-rate decay when `config.optim.layer_decay` is not 1."""
-  layer_decay = optim.get('layer_decay', 1.0)
-  if not 0.0 < layer_decay <= 1.0:
-    raise ValueError(f'config.optim.layer_decay={layer_decay} must lie in (0, 1]; 1 is off')
-  freeze = optim.get('freeze', ())
-  _compile_patterns(freeze, 'config.optim.freeze')  # a bad pattern fails here, not at init
+  layer_decay, freeze = optim.layer_decay, optim.freeze
   schedule = make_schedule(optim, total_steps)
   adamw = optax.adamw(
       schedule,

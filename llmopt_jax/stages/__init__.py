@@ -1,6 +1,8 @@
 """Stages a config can name in `config.stage`, each a module with `run(config, workdir)`.
 
 Looked up by name and imported on demand, so a stage's heavy imports cost nothing to others.
+Stages never import each other: a stage that builds on another's finished run (a teacher, a
+source) names its workdir, or trains it first through this registry (`finished_run`).
 """
 
 from __future__ import annotations
@@ -9,9 +11,9 @@ import importlib
 import os
 from typing import Any
 
-import jax
-
 import ml_collections
+
+from llmopt_jax import report
 
 STAGES = {
     'pretrain': 'llmopt_jax.stages.pretrain',
@@ -34,12 +36,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
 FINISHED = {'classification': 'report.json', 'lm': 'summary.json'}
 
 
-def log(message: str) -> None:
-  """A progress line, from the first process only."""
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
 def finished_run(given: str, field: str, default_dir: str, config: ml_collections.ConfigDict,
                  task: str) -> str:
   """The workdir of a finished run that a stage builds on (a distillation's teacher, a
@@ -53,7 +49,7 @@ def finished_run(given: str, field: str, default_dir: str, config: ml_collection
                        f'empty to train one in {default_dir}')
     return given
   if not os.path.exists(os.path.join(default_dir, marker)):
-    log(f'No finished run in {default_dir} yet: training it (stage {config.stage}).')
+    report.say(f'No finished run in {default_dir} yet: training it (stage {config.stage}).')
     run(config, default_dir)
   return default_dir
 

@@ -6,25 +6,28 @@ ranges from `config.calibration.examples` training examples when the recipe asks
 weights rounded to the grid, integers + scales written to <workdir>/ptq-<recipe>/ -> each
 variant read back from its files and scored beside float32 and bfloat16 -> report.md / .json.
 Nothing trains, so a rerun repeats the (cheap) quantization and rewrites the report.
+Fields: configs/ptq.py and `llmopt_jax/quant/config.py` (`QuantConfig`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import ml_collections
 
-from llmopt_jax import workdir as workdir_lib
-from llmopt_jax.stages import quantize
+from llmopt_jax import stages, workdir as workdir_lib
+from llmopt_jax.quant import recipes as recipes_lib, scorer as scorer_lib
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
-  recipes = quantize.recipes(config, 'variants')  # a bad field fails before any training
-  scorer = quantize.scorer(config, workdir)
+  recipes = recipes_lib.recipes(config, 'variants')  # a bad field fails before any training
+  source_dir = stages.finished_run(config.source.workdir, 'config.source.workdir',
+                                   os.path.join(workdir, 'source'), config.source.config,
+                                   config.task)
+  scorer = scorer_lib.Scorer.of(config, workdir, source_dir)
   rows = scorer.float_rows() + [scorer.ptq_row(cfg, scorer.ranges(cfg)) for cfg in recipes]
-  report = quantize.report(scorer, rows, recipes, started)
-  quantize.write_report(workdir, report, scorer.problem, 'Post-training quantization')
-  return report
+  return scorer_lib.write_report(scorer, rows, recipes, started, 'Post-training quantization')

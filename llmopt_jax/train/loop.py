@@ -1,7 +1,7 @@
 """The training loop shared by every stage: one trainer, read top to bottom.
 
-A stage (pretrain, fine-tune, distill, ...) builds a `Task` (how to make the model, its loss,
-its eval metrics, its data) and calls `train`. The loop owns the rest: mesh, sharded state,
+A stage (pretrain, fine-tune, distill, ...) builds a `Task` (`train/task.py`: how to make the
+model, its loss, its eval metrics, its data) and calls `train` with its `TrainConfig`. The loop owns the rest: mesh, sharded state,
 jitted steps, evaluation, early stopping, the NaN/Inf guard, checkpoints and exact resume.
 """
 
@@ -11,14 +11,10 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh
 
 from llmopt_jax import metrics as metrics_lib
 from llmopt_jax import distributed, optim, sharding
@@ -27,59 +23,28 @@ from llmopt_jax.train import setup as setup_lib
 from llmopt_jax.train import state as state_lib
 from llmopt_jax.train import step as step_lib
 from llmopt_jax.train.checkpoint import Checkpoints
+from llmopt_jax.train.config import TrainConfig
 from llmopt_jax.train.early_stopping import EarlyStopping
 from llmopt_jax.train.logger import Logger
-
-
-class ResumableIterator(Protocol):
-  """Training batches (this process's share, numpy) with a JSON-able position."""
-
-  def __next__(self) -> dict[str, np.ndarray]: ...
-  def get_state(self) -> dict: ...
-  def set_state(self, state: dict) -> None: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-  """Everything stage-specific that the loop needs."""
-  build_model: Callable[[nnx.Rngs], nnx.Module]
-  loss_fn: step_lib.LossFn
-  eval_fn: step_lib.EvalFn
-  train_data: ResumableIterator
-  eval_data: Callable[[], Iterable[dict[str, np.ndarray]]]
-  # Input tokens in a (global) batch, for the tokens/s figure.
-  count_tokens: Callable[[dict[str, jax.Array]], int] = lambda batch: batch['inputs'].size
-  # Starting weights, e.g. a Hugging Face checkpoint placed on (mesh, rules); None = random.
-  pretrained: Callable[[Mesh, sharding.Rules], nnx.State] | None = None
-  # Techniques whose trainable tree differs from the model's parameters (LoRA): model params
-  # -> trainable tree at init, trainable tree -> model params in every step, and which
-  # trainable paths are frozen (no update, no optimizer state).
-  extend_params: Callable[[nnx.State], Any] | None = None
-  params_transform: step_lib.ParamsTransform | None = None
-  frozen: Callable[[str], bool] | None = None
-  # Arrays the loss reads but never trains, e.g. a distillation teacher's parameters, placed
-  # on (mesh, rules); the loss gets them as `context.constants`. Never checkpointed.
-  constants: Callable[[Mesh, sharding.Rules], Any] | None = None
+from llmopt_jax.train.task import Task
 
 
 class NonFiniteError(RuntimeError):
   """A loss or gradient became NaN/Inf; the message names the step."""
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str, Any]:
-  """Trains (or resumes) to `config.train.num_steps`; returns the run summary."""
-  num_steps = config.train.num_steps
+def train(config: TrainConfig, workdir: str, task: Task) -> dict[str, Any]:
+  """Trains (or resumes) to `config.num_steps`; returns the run summary."""
+  num_steps = config.num_steps
 
   # ---- Mesh, model, optimizer, and where the state lives ------------------------------------
   setup = setup_lib.Setup.of(config, task)
   mesh, rules, tx, graphdef, init = setup.mesh, setup.rules, setup.tx, setup.graphdef, setup.init
   abstract, shardings = setup.abstract, setup.shardings
-  sharding.check_batch(config.train.batch_size, mesh, rules, config.train.num_micro_batches)
+  sharding.check_batch(config.batch_size, mesh, rules, config.num_micro_batches)
 
   # ---- Checkpoints: resume if the workdir has one -------------------------------------------
-  stopper = EarlyStopping(
-      metric=config.early_stopping.metric, mode=config.early_stopping.mode,
-      patience=config.early_stopping.patience, min_delta=config.early_stopping.min_delta)
+  stopper = EarlyStopping(**dataclasses.asdict(config.early_stopping))
   checkpoints = setup_lib.open_checkpoints(config, workdir)
   start = checkpoints.latest_step()
   if start is None:
@@ -104,7 +69,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
   # ---- Steps --------------------------------------------------------------------------------
   train_step = step_lib.make_train_step(
       graphdef, tx, task.loss_fn, seed=config.seed,
-      num_micro_batches=config.train.num_micro_batches, params_transform=task.params_transform)
+      num_micro_batches=config.num_micro_batches, params_transform=task.params_transform)
   eval_step = step_lib.make_eval_step(
       graphdef, task.eval_fn, params_transform=task.params_transform)
   constants = None if task.constants is None else task.constants(mesh, rules)
@@ -145,7 +110,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
       timer.count(task.count_tokens(batch))
 
       last = step == num_steps
-      if step % config.train.log_every == 0 or last:
+      if step % config.log_every == 0 or last:
         means = window.flush()
         throughput = timer.rate()
         log.write(step, {**metrics_lib.prefixed(means, 'train'),
@@ -156,7 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
         log.progress(step)
 
       eval_metrics = None
-      if step % config.train.eval_every == 0 or last:
+      if step % config.eval_every == 0 or last:
         window.check_finite()
         eval_metrics = evaluate(state.params)
         stopper = stopper.update(step, eval_metrics)

@@ -7,18 +7,16 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
 from llmopt_jax import optim, sharding
 from llmopt_jax.train import state as state_lib
 from llmopt_jax.train.checkpoint import Checkpoints
-
-if TYPE_CHECKING:
-  from llmopt_jax.train.loop import Task
+from llmopt_jax.train.config import TrainConfig
+from llmopt_jax.train.task import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,17 +30,17 @@ class Setup:
   shardings: Any
 
   @classmethod
-  def of(cls, config: ml_collections.ConfigDict, task: Task) -> Setup:
-    mesh, rules = sharding.from_config(config.mesh)
-    tx = optim.make_optimizer(config.optim, config.train.num_steps, frozen=task.frozen)
-    graphdef, init = state_lib.init_fn(task.build_model, tx, config.seed, task.extend_params)
+  def of(cls, train: TrainConfig, task: Task) -> Setup:
+    mesh, rules = sharding.from_config(train.mesh)
+    tx = optim.make_optimizer(train.optim, train.num_steps, frozen=task.frozen)
+    graphdef, init = state_lib.init_fn(task.build_model, tx, train.seed, task.extend_params)
     abstract, shardings = state_lib.abstract_and_shardings(init, mesh, rules)
     return cls(mesh, rules, tx, graphdef, init, abstract, shardings)
 
 
-def open_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> Checkpoints:
-  """The checkpoints of `workdir`, with the keep policies of `config`."""
+def open_checkpoints(train: TrainConfig, workdir: str) -> Checkpoints:
+  """The checkpoints of `workdir`, with the keep policies of `train`."""
   return Checkpoints(
-      os.path.join(workdir, 'checkpoints'), keep_last=config.checkpoint.keep_last,
-      keep_best=config.checkpoint.keep_best, best_metric=config.early_stopping.metric,
-      best_mode=config.early_stopping.mode, async_save=config.checkpoint.async_save)
+      os.path.join(workdir, 'checkpoints'), keep_last=train.checkpoint.keep_last,
+      keep_best=train.checkpoint.keep_best, best_metric=train.early_stopping.metric,
+      best_mode=train.early_stopping.mode, async_save=train.checkpoint.async_save)

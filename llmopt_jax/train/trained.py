@@ -2,9 +2,10 @@
 score it on held-out data, or load its model's parameters onto a mesh.
 
 Stages chain through workdirs: a fine-tune starts from a pretrain run, a distillation reads
-its teacher from a fine-tune, quantization starts from either. Each such stage rebuilds the
-earlier stage's `Task` from the workdir's `config.json` (so the model is built exactly as it
-was trained) and calls `load_params`.
+its teacher from a fine-tune, quantization starts from either. A later stage loads a finished
+model through `llmopt_jax.tasks.finished`, which restores only the parameters
+(`restore_params`); `load_params` and `evaluate_checkpoint` serve the stage that trained the
+run (its own `Task` and `TrainConfig` at hand).
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from llmopt_jax import metrics as metrics_lib
 from llmopt_jax import sharding
 from llmopt_jax.train import setup as setup_lib
 from llmopt_jax.train import step as step_lib
-from llmopt_jax.train.loop import Task
+from llmopt_jax.train.config import TrainConfig
+from llmopt_jax.train.task import Task
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -58,7 +62,7 @@ def best_step(workdir: str) -> int:
   return int(step)
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, task: Task, step: int,
+def evaluate_checkpoint(config: TrainConfig, workdir: str, task: Task, step: int,
                         batches: Iterable[dict[str, np.ndarray]]) -> dict[str, Any]:
   """Metric sums (not yet means) of checkpoint `step` of `workdir` over `batches`.
 
@@ -73,7 +77,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, task: T
       eval_step(params, sharding.shard_batch(b, setup.mesh, setup.rules)) for b in batches)
 
 
-def load_params(config: ml_collections.ConfigDict, workdir: str, task: Task,
+def load_params(config: TrainConfig, workdir: str, task: Task,
                 step: int | None = None) -> tuple[nnx.GraphDef, nnx.State]:
   """(graphdef, model parameters) of checkpoint `step` (default: the best) of `workdir`.
 
@@ -88,7 +92,7 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, task: Task,
   return setup.graphdef, params
 
 
-def _restore_params(config: ml_collections.ConfigDict, workdir: str, setup: setup_lib.Setup,
+def _restore_params(config: TrainConfig, workdir: str, setup: setup_lib.Setup,
                     step: int) -> Any:
   """The trainable tree of checkpoint `step`. The optimizer state is restored alongside and
   dropped: Orbax restores a checkpoint item whole."""
@@ -101,3 +105,23 @@ def _restore_params(config: ml_collections.ConfigDict, workdir: str, setup: setu
   finally:
     checkpoints.close()
   return state.params
+
+
+def restore_params(workdir: str, step: int, abstract_params: Any) -> Any:
+  """The trainable tree (`state.params`) of checkpoint `step` of `workdir`, alone.
+
+  `abstract_params` gives the tree's structure, shapes, dtypes and shardings
+  (`jax.ShapeDtypeStruct` leaves with `sharding`); nothing else of the checkpoint (the
+  optimizer's moments, the step) is read, and no optimizer is built.
+  """
+  path = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step), 'state')
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{workdir}: no checkpoint of step {step} ({path} is missing)')
+  target = {'params': abstract_params}
+  restore_args = jax.tree.map(
+      lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
+                                        dtype=leaf.dtype), target)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+  return restored['params']

