@@ -31,7 +31,9 @@ from ml_collections import config_flags  # noqa: E402
 from llmopt_jax import cli, hf, sharding  # noqa: E402
 from llmopt_jax.hf.load import build  # noqa: E402
 from llmopt_jax.models.heads import HeadConfig  # noqa: E402
-from llmopt_jax.stages import distill, distill_tasks  # noqa: E402
+from llmopt_jax.distill import student_task  # noqa: E402
+from llmopt_jax.tasks import classification, finished, problem as problem_lib  # noqa: E402
+from llmopt_jax.train.config import TrainConfig  # noqa: E402
 from llmopt_jax.train import setup as setup_lib  # noqa: E402
 from llmopt_jax.train import state as state_lib  # noqa: E402
 from llmopt_jax.train import step as step_lib  # noqa: E402
@@ -44,7 +46,9 @@ _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds of timing, taken in turns.',
 flags.mark_flags_as_required(['config'])
 
 
-def _teacher(config, mesh, rules, head: HeadConfig) -> distill.Teacher:
+def _teacher(config, mesh, rules, head: HeadConfig,
+             labels: tuple[str, ...]) -> finished.FinishedModel:
+  """The pretrained model with a fresh head, standing in for a fine-tuned teacher."""
   model, model_config = hf.load_pretrained(
       hf.minilm_path() if config.init.model == 'minilm' else config.init.model,
       mesh=mesh, rules=rules, head=head, dropout_rate=0.0)
@@ -52,7 +56,9 @@ def _teacher(config, mesh, rules, head: HeadConfig) -> distill.Teacher:
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(
       model_config.replace(dtype=dtype, param_dtype=dtype), head, nnx.Rngs(0))))
   params = jax.tree.map(lambda x: x.astype(dtype), nnx.state(model, nnx.Param))
-  return distill.Teacher('', graphdef, params, model_config, head)
+  card = finished.ModelCard(stage='finetune', model=model_config, tokenizer='huggingface',
+                            head=head, labels=labels)
+  return finished.FinishedModel('', card, config, 0, graphdef, params)
 
 
 def _time_steps(step, state, batches, *, constants, warmup: int) -> float:
@@ -87,11 +93,11 @@ def main(argv) -> None:
     raise ValueError('bench_distill times the classification distillation (configs/distill.py)')
   with config.unlocked():
     config.distill.mode = 'online'  # the step under test runs the teacher inside it
-  problem = distill_tasks.make(config, '')
   mesh, rules = sharding.from_config(config.mesh)
-  head = nnx.eval_shape(lambda: problem.student_task.build_model(nnx.Rngs(0))).head
-  teacher = _teacher(config, mesh, rules, head)
-  data = problem.student_task.train_data
+  built = classification.fine_tuning(config, None)
+  teacher = _teacher(config, mesh, rules, built.head, tuple(built.splits.label_names))
+  problem = problem_lib.make(config, teacher)
+  data = problem.task.train_data
   batches = [sharding.shard_batch(next(data), mesh, rules)
              for _ in range(_WARMUP.value + _STEPS.value)]
 
@@ -99,8 +105,8 @@ def main(argv) -> None:
   # median round is kept: on a shared machine, load that comes and goes hits all three alike.
   candidates = {}
   for name, distilled in (('distill step', True), ('student step', False)):
-    task = distill.student_task(config, '', problem.student_task, teacher, problem, distilled)
-    setup = setup_lib.Setup.of(config, task)
+    task = student_task.student_task(config, '', teacher, problem, distilled)
+    setup = setup_lib.Setup.of(TrainConfig.from_config(config), task)
     train_step = step_lib.make_train_step(setup.graphdef, setup.tx, task.loss_fn, seed=0)
     constants = teacher.params if distilled else None
     jitted, _ = step_lib.jit_steps(
@@ -122,7 +128,7 @@ def main(argv) -> None:
   reference = seconds['student step'] + seconds['teacher forward']
   print(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind}; batch '
         f'{config.train.batch_size} x {config.data.max_len} tokens; teacher '
-        f'{teacher.config.num_layers} layers ({config.teacher.dtype}), student '
+        f'{teacher.card.model.num_layers} layers ({config.teacher.dtype}), student '
         f'{config.student.num_layers}; median of {_ROUNDS.value} rounds of {_STEPS.value} steps')
   for name, s in seconds.items():
     print(f'{name:<16} {1e3 * s:8.1f} ms')

@@ -38,8 +38,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from llmopt_jax import cli, configlib, optim, perf, sharding  # noqa: E402
 from llmopt_jax.models import stats  # noqa: E402
-from llmopt_jax.stages import pretrain  # noqa: E402
-from llmopt_jax.train import loop  # noqa: E402
+from llmopt_jax.tasks import lm  # noqa: E402
+from llmopt_jax.train.task import ResumableIterator, Task  # noqa: E402
 from llmopt_jax.train import memory as memory_lib  # noqa: E402
 from llmopt_jax.train import state as state_lib  # noqa: E402
 from llmopt_jax.train import step as step_lib  # noqa: E402
@@ -66,7 +66,8 @@ def benchmark(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 
   if steps < 1 or warmup < 1:
     raise ValueError(f'steps={steps} and warmup={warmup} must both be >= 1')
   with tempfile.TemporaryDirectory() as workdir:  # the BPE tokenizer is written here
-    task, model = pretrain.build_task(config, workdir)
+    built = lm.pretraining(config, workdir)
+    task, model = built.task, built.card.model
     mesh, rules = sharding.from_config(config.mesh)
     sharding.check_batch(config.train.batch_size, mesh, rules, config.train.num_micro_batches)
     state, jitted = _state_and_step(config, task, mesh, rules)
@@ -105,10 +106,10 @@ def benchmark(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 
   }
 
 
-def _state_and_step(config: ml_collections.ConfigDict, task: loop.Task, mesh: Mesh,
+def _state_and_step(config: ml_collections.ConfigDict, task: Task, mesh: Mesh,
                     rules: sharding.Rules) -> tuple[state_lib.TrainState, Any]:
   """The born-sharded state and the jitted train step, made the way `loop.train` makes them."""
-  tx = optim.make_optimizer(config.optim, config.train.num_steps)
+  tx = optim.make_optimizer(optim.OptimConfig.from_config(config.optim), config.train.num_steps)
   graphdef, init = state_lib.init_fn(task.build_model, tx, config.seed)
   _, shardings = state_lib.abstract_and_shardings(init, mesh, rules)
   train_step = step_lib.make_train_step(
@@ -119,7 +120,7 @@ def _state_and_step(config: ml_collections.ConfigDict, task: loop.Task, mesh: Me
   return state_lib.initialize(init, shardings), jitted
 
 
-def _prefetch(data: loop.ResumableIterator, count: int, mesh: Mesh, rules: sharding.Rules
+def _prefetch(data: ResumableIterator, count: int, mesh: Mesh, rules: sharding.Rules
               ) -> tuple[list[dict], float]:
   """`count` batches placed on the devices, and how many per second the pipeline made."""
   start = time.perf_counter()

@@ -23,6 +23,7 @@ global and replicated, like `losses.cross_entropy_sum`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -90,42 +91,45 @@ def cross_entropy_sum(
         f'{vocab_axes} that rules["vocab"] splits it over; round config.model.vocab_size up')
   token_spec = sharding.logical_to_spec(_TOKEN_AXES, rules)
 
-  def local(logits: jax.Array, targets: jax.Array, weights: jax.Array):
-    logits = logits.astype(jnp.float32)                                     # [b, t, V/n]
-    shard_vocab = logits.shape[-1]
-    # The max only keeps exp() in range; logsumexp's value and gradient do not depend on it.
-    local_max = jnp.max(jax.lax.stop_gradient(logits), axis=-1)             # [b, t]
-    global_max = jax.lax.pmax(local_max, vocab_axes) if vocab_axes else local_max
-    sum_exp = jnp.sum(jnp.exp(logits - global_max[..., None]), axis=-1)    # [b, t]
-    if vocab_axes:
-      sum_exp = jax.lax.psum(sum_exp, vocab_axes)
-    log_z = global_max + jnp.log(sum_exp)                                   # [b, t]
-
-    # axis_index of a tuple is row-major over it, the order a PartitionSpec splits a dim in.
-    start = jax.lax.axis_index(vocab_axes) * shard_vocab if vocab_axes else 0
-    local_target = targets - start                                          # [b, t]
-    mine = (local_target >= 0) & (local_target < shard_vocab)
-    # Out-of-shard targets read a clipped, valid index and are then zeroed: exactly one shard
-    # contributes each target logit to the psum, and only it receives that gradient.
-    picked = jnp.take_along_axis(
-        logits, jnp.clip(local_target, 0, shard_vocab - 1)[..., None], axis=-1)[..., 0]
-    target_logit = jnp.where(mine, picked, 0.0)
-    if vocab_axes:
-      target_logit = jax.lax.psum(target_logit, vocab_axes)
-
-    weights = weights.astype(jnp.float32)
-    nll_sum = jnp.sum((log_z - target_logit) * weights)
-    weight_sum = jnp.sum(weights)
-    if token_axes:
-      nll_sum, weight_sum = jax.lax.psum((nll_sum, weight_sum), token_axes)
-    return nll_sum, weight_sum
-
   # check_vma stays on: it checks at trace time that the scalar outputs really are the same
   # on every device (out_specs P()), i.e. that no psum over a splitting mesh axis is missing.
   return jax.shard_map(
-      local,
+      functools.partial(_local_cross_entropy, vocab_axes=vocab_axes, token_axes=token_axes),
       mesh=mesh,
       in_specs=(logits_spec, token_spec, token_spec),
       out_specs=(PartitionSpec(), PartitionSpec()),
       check_vma=True,
   )(logits, targets, weights)
+
+
+def _local_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array, *,
+                          vocab_axes: tuple[str, ...], token_axes: tuple[str, ...]):
+  """One device's share of `cross_entropy_sum`: its vocabulary slice of the logits."""
+  logits = logits.astype(jnp.float32)                                     # [b, t, V/n]
+  shard_vocab = logits.shape[-1]
+  # The max only keeps exp() in range; logsumexp's value and gradient do not depend on it.
+  local_max = jnp.max(jax.lax.stop_gradient(logits), axis=-1)             # [b, t]
+  global_max = jax.lax.pmax(local_max, vocab_axes) if vocab_axes else local_max
+  sum_exp = jnp.sum(jnp.exp(logits - global_max[..., None]), axis=-1)    # [b, t]
+  if vocab_axes:
+    sum_exp = jax.lax.psum(sum_exp, vocab_axes)
+  log_z = global_max + jnp.log(sum_exp)                                   # [b, t]
+
+  # axis_index of a tuple is row-major over it, the order a PartitionSpec splits a dim in.
+  start = jax.lax.axis_index(vocab_axes) * shard_vocab if vocab_axes else 0
+  local_target = targets - start                                          # [b, t]
+  mine = (local_target >= 0) & (local_target < shard_vocab)
+  # Out-of-shard targets read a clipped, valid index and are then zeroed: exactly one shard
+  # contributes each target logit to the psum, and only it receives that gradient.
+  picked = jnp.take_along_axis(
+      logits, jnp.clip(local_target, 0, shard_vocab - 1)[..., None], axis=-1)[..., 0]
+  target_logit = jnp.where(mine, picked, 0.0)
+  if vocab_axes:
+    target_logit = jax.lax.psum(target_logit, vocab_axes)
+
+  weights = weights.astype(jnp.float32)
+  nll_sum = jnp.sum((log_z - target_logit) * weights)
+  weight_sum = jnp.sum(weights)
+  if token_axes:
+    nll_sum, weight_sum = jax.lax.psum((nll_sum, weight_sum), token_axes)
+  return nll_sum, weight_sum

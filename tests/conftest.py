@@ -66,6 +66,17 @@ def pretrain_workdir(tfds_dir, tmp_path_factory) -> str:
   return workdir
 
 
+def load_finished(workdir):
+  """(graphdef, params) of a finished run's best checkpoint on its own mesh, loaded as a
+  later stage loads it (`tasks.finished.load`)."""
+  from llmopt_jax import sharding
+  from llmopt_jax.tasks import finished
+  from llmopt_jax.train import trained
+  mesh, rules = sharding.from_config(trained.read_config(str(workdir)).mesh)
+  model = finished.load(str(workdir), mesh, rules)
+  return model.graphdef, model.params
+
+
 def tiny_bert(directory: str) -> str:
   """A random 2-layer, 32-wide BERT with MiniLM's tokenizer as a Hugging Face directory: a
   stand-in for MiniLM where a test needs the classification chain but not MiniLM's weights,

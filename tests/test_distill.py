@@ -9,6 +9,7 @@ classification one is shared by every test that reads its workdir.
 import hashlib
 import json
 import os
+import shutil
 import types
 
 import jax
@@ -20,11 +21,12 @@ from flax import nnx
 from conftest import load_config, restore_state, tiny_bert
 from llmopt_jax import classification_metrics, configlib, optim, sharding, stages
 from llmopt_jax.data import intents
-from llmopt_jax.distill import losses, objective
+from llmopt_jax.distill import losses, objective, student_task
 from llmopt_jax.distill.student import DistillStudent
 from llmopt_jax.models.config import TransformerConfig
 from llmopt_jax.models.heads import SequenceClassifier
-from llmopt_jax.stages import distill, distill_tasks
+from llmopt_jax.stages import distill, ptq
+from llmopt_jax.tasks import finished, problem
 from llmopt_jax.train import state as state_lib
 from llmopt_jax.train.checkpoint import Checkpoints
 from llmopt_jax.train import step as step_lib
@@ -78,9 +80,9 @@ def _batch(seed: int = 0, rows: int = 8, length: int = 8) -> dict[str, np.ndarra
   }
 
 
-# The classification problem's ModelIO, as `distill_tasks._classification` builds it.
+# The classification problem's ModelIO, as `tasks.problem` builds it.
 IO = objective.ModelIO(
-    forward=distill_tasks._classify,  # noqa: SLF001  (the stage's own forward)
+    forward=problem.classify,
     hard_metrics=lambda logits, batch: classification_metrics.classification_sums(
         logits, batch['labels'], batch['weights'], confusion=False),
     kd_weights=lambda batch: batch['weights'],
@@ -201,7 +203,7 @@ def _train_on(mesh_config, devices=None):
                     out_shardings=sharding.tree_shardings(abstract, mesh, rules))()
   teacher_before = [np.array(x) for x in jax.tree.leaves(teacher)]
 
-  tx = optim.make_optimizer(config.optim, NUM_STEPS)
+  tx = optim.make_optimizer(optim.OptimConfig.from_config(config.optim), NUM_STEPS)
   graphdef, init = state_lib.init_fn(
       lambda rngs: _student(NARROW, len(spec.layer_map), rngs=rngs), tx, seed=1)
   _, shardings = state_lib.abstract_and_shardings(init, mesh, rules)
@@ -320,6 +322,30 @@ def test_tiny_run_writes_a_report_of_teacher_and_both_students(classification_ru
   assert all(name in text for name in rows)
 
 
+def test_a_student_quantizes_from_its_own_directory_once_its_teacher_is_gone(
+    classification_run, tmp_path):
+  """A distilled student is loaded from its own model card and checkpoints: with the
+  teacher's workdir deleted, PTQ of the student scores its float32 copy as the distillation
+  scored the student."""
+  run = tmp_path / 'distill'
+  shutil.copytree(classification_run.workdir, run, ignore=lambda d, names: (
+      ['teacher'] if d == str(classification_run.workdir) else []))
+  assert not (run / 'teacher').exists()
+  config = load_config('ptq', f'tiny,source={run}')
+  config.init.model = classification_run.config.init.model
+  config.test_batches = classification_run.config.test_batches
+  config.variants = ('int8',)
+  rows = _rows(ptq.run(config, str(tmp_path / 'ptq')))
+  student = _rows(classification_run.report)['student_kd']
+  assert list(rows) == ['float32', 'bfloat16', 'int8 PTQ']
+  assert rows['float32']['params'] == student['params']
+  # The same weights on the same test batches; only the placement differs (replicated here,
+  # sharded by logical axes in the distillation), which reorders float32 sums at the ulp
+  # level: at most one prediction in a near tie may flip.
+  examples = config.test_batches * config.train.batch_size
+  assert abs(rows['float32']['accuracy'] - student['accuracy']) <= 1 / examples
+
+
 def test_both_students_train_on_the_same_batches(classification_run):
   """They share one training iterator: each run must start it at the same place, so the
   comparison differs in the loss alone (and not in which batches each student saw)."""
@@ -420,9 +446,11 @@ def test_bad_distill_config_names_the_field(fields, message):
 def test_student_deeper_than_the_teacher_names_the_field():
   config = load_config('distill', 'tiny')
   config.student.num_layers = TEACHER.num_layers + 1
-  teacher = distill.Teacher(workdir='', graphdef=None, params=None, config=TEACHER, head=None)
+  card = finished.ModelCard(stage='finetune', model=TEACHER, tokenizer='byte')
+  teacher = finished.FinishedModel(workdir='', card=card, config=config, step=0, graphdef=None,
+                                   params=None)
   with pytest.raises(ValueError, match=r'config\.student\.num_layers=3; must lie in \[1, 2\]'):
-    distill.student_task(config, '', None, teacher, None, distilled=True)
+    student_task.student_task(config, '', teacher, None, distilled=True)
 
 
 def test_teacher_workdir_without_a_finished_run_names_the_field(tmp_path):

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import load_config
+from conftest import load_config, load_finished
 from llmopt_jax.data import classification
 from llmopt_jax.stages import finetune
-from llmopt_jax.train import trained
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -29,8 +28,7 @@ TOL = 1e-4  # relative: max |ours - theirs| / max |theirs|
 
 def _our_logits(config, workdir: str, batch: dict[str, np.ndarray]) -> np.ndarray:
   """Our classifier's logits from the best checkpoint, rebuilt as a later stage would."""
-  task, _ = finetune.build_task(config, None)
-  graphdef, params = trained.load_params(config, workdir, task)
+  graphdef, params = load_finished(workdir)
   model = nnx.merge(graphdef, params)
   types = batch['token_types'] if model.config.type_vocab_size else None
   return np.asarray(model(jnp.asarray(batch['tokens']), padding_mask=jnp.asarray(

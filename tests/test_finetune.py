@@ -11,10 +11,9 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from conftest import load_config, restore_state
-from llmopt_jax import hf, lora
+from conftest import load_config, load_finished, restore_state
+from llmopt_jax import hf
 from llmopt_jax.stages import finetune
-from llmopt_jax.train import trained
 
 
 def test_tiny_banking77_finetune_beats_the_majority_class(tmp_path):
@@ -93,8 +92,7 @@ def _check_mean_pooling_export(config, workdir: str) -> None:
   assert {w.dtype for w in weights.values()} == {np.dtype(np.float32)}
   theirs = pooled @ weights['classifier.weight'].T + weights['classifier.bias']
 
-  task, _ = finetune.build_task(config, lora.from_config(config.peft))
-  graphdef, params = trained.load_params(config, workdir, task)
+  graphdef, params = load_finished(workdir)
   ours = np.asarray(nnx.merge(graphdef, params)(
       **{k: jnp.asarray(v) for k, v in batch.items()}))
   assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4

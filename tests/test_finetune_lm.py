@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO, load_config, restore_state
-from llmopt_jax import lora
+from conftest import REPO, load_config, load_finished, restore_state
 from llmopt_jax.data import tokenizers
-from llmopt_jax.stages import finetune, finetune_lm
+from llmopt_jax.stages import finetune_lm
+from llmopt_jax.tasks import classification
 from llmopt_jax.train import trained
 
 
@@ -119,8 +119,7 @@ def test_lm_lora_export_of_hf_llama_loads_with_our_logits(hf_llama, tfds_dir, tm
       export, dtype=torch.float32).eval()
   assert type(theirs_model).__name__ == 'LlamaForCausalLM'
 
-  task, _ = finetune_lm.build_task(config, lora.from_config(config.peft))
-  graphdef, params = trained.load_params(config, workdir, task)
+  graphdef, params = load_finished(workdir)
   tokens = np.random.default_rng(0).integers(0, 300, (2, 12)).astype(np.int32)
   ours = np.asarray(nnx.merge(graphdef, params)(jnp.asarray(tokens)))
   with torch.no_grad():
@@ -157,7 +156,7 @@ def test_bad_starting_model_names_config_init_model(case, tfds_dir, tmp_path):
 def test_classification_from_a_non_pretrain_workdir_is_refused(tmp_path):
   model = _fake_workdir(tmp_path / 'ft', load_config('finetune', 'tiny'))
   with pytest.raises(ValueError, match=r"config\.init\.model=.*stage 'finetune'"):
-    finetune.build_task(load_config('finetune', f'tiny,model={model}'), None)
+    classification.fine_tuning(load_config('finetune', f'tiny,model={model}'), None)
 
 
 def test_missing_model_through_main_py_is_one_error_line(tmp_path):

@@ -50,10 +50,10 @@ def lm_batch(seed: int = 0) -> dict:
           'weights': jnp.ones((4, 16), jnp.float32)}
 
 
-def optim_config(**overrides) -> ml_collections.ConfigDict:
+def optim_config(**overrides) -> optim.OptimConfig:
   config = configlib.optimizer(lr=1e-2, warmup_steps=0)
   config.update(schedule='constant', **overrides)
-  return config
+  return optim.OptimConfig.from_config(config)
 
 
 def flat(tree) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ def _config(**overrides):
   config.schedule = 'constant'
   config.clip_norm = 0.0
   config.update(overrides)
-  return config
+  return optim.OptimConfig.from_config(config)
 
 
 @pytest.mark.parametrize('decay_embeddings', [False, True])

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from conftest import load_config, restore_state, tiny_bert
+from conftest import load_config, load_finished, restore_state, tiny_bert
 from llmopt_jax import stages
 from llmopt_jax.quant import checkpoint, kernels, storage
-from llmopt_jax.stages import distill_tasks, ptq, qat, quantize
+from llmopt_jax.stages import ptq, qat
 from test_distill import _shrink, _tree_digest
 
 
@@ -64,8 +64,7 @@ def test_ptq_files_hold_integers_that_load_as_quantized_kernels(ptq_run):
     assert f.get_tensor('backbone/blocks/0/mlp/up.qvalue').dtype == np.int8
     assert f.get_tensor('classifier/kernel').dtype == np.float32  # the head is excluded
   source = str(ptq_run.workdir / 'source')
-  like = quantize.load_source(ptq_run.config, source,
-                              distill_tasks.make(ptq_run.config, source)).params
+  like = load_finished(source)[1]
   params, recipe, _ = checkpoint.load(str(directory), like)
   up = params['backbone']['blocks'][0]['mlp']['up'].get_value()
   assert isinstance(up, kernels.QuantizedKernel) and recipe.bits == 4

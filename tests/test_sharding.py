@@ -14,7 +14,7 @@ from ml_collections import config_flags
 
 from conftest import REPO, load_config
 from llmopt_jax import configlib, optim, sharding
-from llmopt_jax.stages import pretrain
+from llmopt_jax.tasks import lm
 from llmopt_jax.train import memory
 from llmopt_jax.train import state as state_lib
 from llmopt_jax.train import step as step_lib
@@ -36,9 +36,9 @@ def setup(tfds_dir, tmp_path_factory):
   config = load_config('pretrain', 'tiny')
   config.data.tfds_data_dir = tfds_dir
   config.model.dropout_rate = 0.0
-  task, _ = pretrain.build_task(config, str(tmp_path_factory.mktemp('sharding')))
+  task = lm.pretraining(config, str(tmp_path_factory.mktemp('sharding'))).task
   batches = [next(task.train_data) for _ in range(NUM_STEPS)]
-  tx = optim.make_optimizer(config.optim, 10)
+  tx = optim.make_optimizer(optim.OptimConfig.from_config(config.optim), 10)
   graphdef, init = state_lib.init_fn(task.build_model, tx, seed=0)
   return types.SimpleNamespace(task=task, batches=batches, tx=tx, graphdef=graphdef, init=init)
 

@@ -1,16 +1,19 @@
 """The training loop: learning, early stopping, the NaN guard, accumulation, exact resume."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 from conftest import load_config
 from llmopt_jax import configlib, optim, sharding
-from llmopt_jax.stages import pretrain
+from llmopt_jax.tasks import lm
 from llmopt_jax.train import loop
 from llmopt_jax.train import state as state_lib
 from llmopt_jax.train import step as step_lib
 from llmopt_jax.train.checkpoint import Checkpoints
+from llmopt_jax.train.config import TrainConfig
 
 
 def tiny_config(tfds_dir, **train):
@@ -21,10 +24,10 @@ def tiny_config(tfds_dir, **train):
 
 
 def run(config, workdir, wrap_data=None):
-  task, _ = pretrain.build_task(config, str(workdir))
+  task = lm.pretraining(config, str(workdir)).task
   if wrap_data is not None:
-    task = loop.Task(**{**task.__dict__, 'train_data': wrap_data(task.train_data)})
-  return loop.train(config, str(workdir), task)
+    task = dataclasses.replace(task, train_data=wrap_data(task.train_data))
+  return loop.train(TrainConfig.from_config(config), str(workdir), task)
 
 
 def final_params(workdir, step):
@@ -71,8 +74,8 @@ def test_loss_falls_when_overfitting_one_batch(tfds_dir, tmp_path):
   config = tiny_config(tfds_dir)
   config.model.dropout_rate = 0.0
   config.optim.update(lr=1e-2, warmup_steps=0, schedule='constant')
-  task, _ = pretrain.build_task(config, str(tmp_path))
-  tx = optim.make_optimizer(config.optim, 40)
+  task = lm.pretraining(config, str(tmp_path)).task
+  tx = optim.make_optimizer(optim.OptimConfig.from_config(config.optim), 40)
   graphdef, init = state_lib.init_fn(task.build_model, tx, seed=0)
   state = jax.jit(init)()
   step = jax.jit(step_lib.make_train_step(graphdef, tx, task.loss_fn, seed=0))
@@ -87,8 +90,8 @@ def test_loss_falls_when_overfitting_one_batch(tfds_dir, tmp_path):
 def test_accumulation_matches_one_big_batch(tfds_dir, tmp_path):
   config = tiny_config(tfds_dir)
   config.model.dropout_rate = 0.0
-  task, _ = pretrain.build_task(config, str(tmp_path))
-  tx = optim.make_optimizer(config.optim, 10)
+  task = lm.pretraining(config, str(tmp_path)).task
+  tx = optim.make_optimizer(optim.OptimConfig.from_config(config.optim), 10)
   graphdef, init = state_lib.init_fn(task.build_model, tx, seed=0)
   batch = next(task.train_data)
   results = []
@@ -146,8 +149,8 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tfds_dir, tmp_path):
 
 def test_state_is_born_with_the_rules_shardings(tfds_dir, tmp_path):
   config = tiny_config(tfds_dir)
-  task, _ = pretrain.build_task(config, str(tmp_path))
-  tx = optim.make_optimizer(config.optim, 10)
+  task = lm.pretraining(config, str(tmp_path)).task
+  tx = optim.make_optimizer(optim.OptimConfig.from_config(config.optim), 10)
   _, init = state_lib.init_fn(task.build_model, tx, seed=0)
   mesh = sharding.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
   rules = dict(config.mesh.rules)

@@ -55,11 +55,12 @@ def student_card(config: ml_collections.ConfigDict, teacher: FinishedModel) -> M
 def student_task(config: ml_collections.ConfigDict, workdir: str, teacher: FinishedModel,
                  problem: Problem, distilled: bool) -> Task:
   """The problem's task (data, eval) with a student model and, if `distilled`, the KD loss."""
-  base, card = problem.task, student_card(config, teacher)
+  card = student_card(config, teacher)
   ls, lt = card.model.num_layers, teacher.card.model.num_layers
   if not 1 <= ls <= lt:
     raise ValueError(f'config.student.num_layers={ls}; must lie in [1, {lt}] (the teacher\'s)')
   check_fields(config)
+  base = problem.task
   if config.student.init == 'pretrained' and base.pretrained is None:
     raise ValueError('config.student.init=pretrained: this task has no pretrained starting '
                      'point; use teacher or scratch')

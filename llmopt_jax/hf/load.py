@@ -146,14 +146,19 @@ def load_pretrained(path: str, *, mesh: jax.sharding.Mesh | None = None,
                  ' and '.join(sorted(fresh)), seed)
     new = [p for t in table if t.group in fresh for p in t.ours]
     values.update(zip(new, _initialise(config, head, seed, new, shardings)))
-  state = {}
-  for p, value in values.items():
-    node = state
-    for key in p[:-1]:
-      node = node.setdefault(key, {})
-    node[p[-1]] = value
-  nnx.replace_by_pure_dict(abstract, state)
+  nnx.replace_by_pure_dict(abstract, _nested(values))
   return nnx.merge(graphdef, abstract), config
+
+
+def _nested(values: dict[tuple, Any]) -> dict:
+  """{('a', 'b'): x} as {'a': {'b': x}}."""
+  state = {}
+  for path, value in values.items():
+    node = state
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return state
 
 
 def _initialise(config: TransformerConfig, head: HeadConfig | None, seed: int,

@@ -1,8 +1,9 @@
 """The training loop shared by every stage: one trainer, read top to bottom.
 
 A stage (pretrain, fine-tune, distill, ...) builds a `Task` (`train/task.py`: how to make the
-model, its loss, its eval metrics, its data) and calls `train` with its `TrainConfig`. The loop owns the rest: mesh, sharded state,
-jitted steps, evaluation, early stopping, the NaN/Inf guard, checkpoints and exact resume.
+model, its loss, its eval metrics, its data) and calls `train` with its `TrainConfig`. The
+loop owns the rest: mesh, sharded state, jitted steps, evaluation, early stopping, the NaN/Inf
+guard, checkpoints and exact resume.
 """
 
 from __future__ import annotations
@@ -35,112 +36,134 @@ class NonFiniteError(RuntimeError):
 
 def train(config: TrainConfig, workdir: str, task: Task) -> dict[str, Any]:
   """Trains (or resumes) to `config.num_steps`; returns the run summary."""
-  num_steps = config.num_steps
-
   # ---- Mesh, model, optimizer, and where the state lives ------------------------------------
   setup = setup_lib.Setup.of(config, task)
-  mesh, rules, tx, graphdef, init = setup.mesh, setup.rules, setup.tx, setup.graphdef, setup.init
-  abstract, shardings = setup.abstract, setup.shardings
-  sharding.check_batch(config.batch_size, mesh, rules, config.num_micro_batches)
+  sharding.check_batch(config.batch_size, setup.mesh, setup.rules, config.num_micro_batches)
 
   # ---- Checkpoints: resume if the workdir has one -------------------------------------------
-  stopper = EarlyStopping(**dataclasses.asdict(config.early_stopping))
   checkpoints = setup_lib.open_checkpoints(config, workdir)
-  start = checkpoints.latest_step()
-  if start is None:
-    start = 0
-    if task.pretrained is None:
-      state = state_lib.initialize(init, shardings)
-    else:
-      state = state_lib.initialize_from(
-          task.pretrained(mesh, rules), tx, shardings, task.extend_params)
-  else:
-    state, progress = checkpoints.restore(start, abstract)
-    task.train_data.set_state(_this_process(progress['data'], checkpoints.directory))
-    stopper = stopper.with_json(progress['early_stopping'])
-
-  log = Logger(workdir, total_steps=num_steps, start_step=start)
+  state, start, stopper = _initial_state(config, setup, task, checkpoints)
+  log = Logger(workdir, total_steps=config.num_steps, start_step=start)
   if start:
     log.info(f'Resumed from {checkpoints.directory}/{start}.')
-  if start >= num_steps or stopper.should_stop:
+  if start >= config.num_steps or stopper.should_stop:
     log.info(f'Nothing to do: the run in {workdir} already finished at step {start}.')
     return _finish(workdir, checkpoints, log, stopper, start, last_eval=None)
 
-  # ---- Steps --------------------------------------------------------------------------------
-  train_step = step_lib.make_train_step(
-      graphdef, tx, task.loss_fn, seed=config.seed,
-      num_micro_batches=config.num_micro_batches, params_transform=task.params_transform)
-  eval_step = step_lib.make_eval_step(
-      graphdef, task.eval_fn, params_transform=task.params_transform)
-  constants = None if task.constants is None else task.constants(mesh, rules)
-  train_step, eval_step = step_lib.jit_steps(
-      train_step, eval_step, shardings, mesh, rules,
-      constants_shardings=jax.tree.map(lambda a: a.sharding, constants))
-  compiled_step = None  # compiled ahead of time at the first batch, for the memory report
-
-  def evaluate(params) -> dict[str, float]:
-    sums = metrics_lib.total(
-        eval_step(params, sharding.shard_batch(b, mesh, rules)) for b in task.eval_data())
-    return metrics_lib.prefixed(metrics_lib.finalize(sums), 'eval')
-
-  def save(step: int, eval_metrics: dict[str, float] | None) -> None:
-    # Every process's data position (one list entry per process); all processes call this.
-    progress = {'data': distributed.allgather_json(task.train_data.get_state()),
-                'early_stopping': stopper.to_json()}
-    checkpoints.save(step, state, progress, metrics=eval_metrics)
-
-  # ---- Loop ---------------------------------------------------------------------------------
-  window = _Window(checkpoints)
-  schedule = optim.make_schedule(config.optim, num_steps)
-  eval_metrics, last_train_loss = None, float('nan')
-  timer = _Throughput()
+  # ---- Steps and loop -----------------------------------------------------------------------
+  steps = _Steps.of(config, setup, task)
   try:
-    for step in range(start + 1, num_steps + 1):
-      batch = sharding.shard_batch(next(task.train_data), mesh, rules)
-      if compiled_step is None:
-        compiled_step = train_step.lower(state, batch, constants).compile()
-        log.info(f'Mesh {dict(mesh.shape)}, memory per device:\n'
-                 + memory.report(abstract, compiled_step))
-      state, step_metrics = compiled_step(state, batch, constants)
-      # Keep at most one step queued behind the running one: the device never idles, and
-      # host memory for queued batches stays bounded (deep queues of collectives have also
-      # been seen to hang XLA's CPU runtime on simulated multi-device meshes).
-      window.wait_for_previous()
-      window.add(step, step_metrics)
-      timer.count(task.count_tokens(batch))
-
-      last = step == num_steps
-      if step % config.log_every == 0 or last:
-        means = window.flush()
-        throughput = timer.rate()
-        log.write(step, {**metrics_lib.prefixed(means, 'train'),
-                         'train/lr': float(schedule(step - 1)), 'train/tokens_per_s': throughput})
-        log.progress(step, loss=means['loss'], tok_s=throughput)
-        last_train_loss = means['loss']
-      else:
-        log.progress(step)
-
-      eval_metrics = None
-      if step % config.eval_every == 0 or last:
-        window.check_finite()
-        eval_metrics = evaluate(state.params)
-        stopper = stopper.update(step, eval_metrics)
-        log.write(step, eval_metrics)
-        log.info(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in eval_metrics.items()))
-      if eval_metrics or last or step % config.checkpoint.every_steps == 0:
-        window.check_finite()
-        save(step, eval_metrics)
-      if stopper.should_stop:
-        log.info(f'Early stopping at step {step}: {stopper.metric} has not improved for '
-                 f'{stopper.patience} evaluations; best {stopper.best_value:.4f} at step '
-                 f'{stopper.best_step}.')
-        break
+    step, stopper, eval_metrics, last_loss = _loop(
+        config, setup, task, steps, state, start, stopper, checkpoints, log)
   finally:
     checkpoints.wait()
   if jax.process_count() > 1:  # lets a launcher check that the processes agree
     print(f'process {jax.process_index()}/{jax.process_count()}: step {step}, '
-          f'train loss {last_train_loss:.8f}', flush=True)
+          f'train loss {last_loss:.8f}', flush=True)
   return _finish(workdir, checkpoints, log, stopper, step, eval_metrics)
+
+
+def _initial_state(config: TrainConfig, setup: setup_lib.Setup, task: Task,
+                   checkpoints: Checkpoints) -> tuple[state_lib.TrainState, int, EarlyStopping]:
+  """(state, step, early stopping record): the newest checkpoint's, with the data position
+  restored, or a fresh state born sharded (from the task's pretrained weights if any)."""
+  stopper = EarlyStopping(**dataclasses.asdict(config.early_stopping))
+  start = checkpoints.latest_step()
+  if start is not None:
+    state, progress = checkpoints.restore(start, setup.abstract)
+    task.train_data.set_state(_this_process(progress['data'], checkpoints.directory))
+    return state, start, stopper.with_json(progress['early_stopping'])
+  if task.pretrained is None:
+    return state_lib.initialize(setup.init, setup.shardings), 0, stopper
+  state = state_lib.initialize_from(task.pretrained(setup.mesh, setup.rules), setup.tx,
+                                    setup.shardings, task.extend_params)
+  return state, 0, stopper
+
+
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+  """The jitted train and eval steps, and the constants the loss reads (placed once)."""
+  train: Any
+  eval: Any
+  constants: Any
+
+  @classmethod
+  def of(cls, config: TrainConfig, setup: setup_lib.Setup, task: Task) -> _Steps:
+    train_step = step_lib.make_train_step(
+        setup.graphdef, setup.tx, task.loss_fn, seed=config.seed,
+        num_micro_batches=config.num_micro_batches, params_transform=task.params_transform)
+    eval_step = step_lib.make_eval_step(
+        setup.graphdef, task.eval_fn, params_transform=task.params_transform)
+    constants = None if task.constants is None else task.constants(setup.mesh, setup.rules)
+    train_step, eval_step = step_lib.jit_steps(
+        train_step, eval_step, setup.shardings, setup.mesh, setup.rules,
+        constants_shardings=jax.tree.map(lambda a: a.sharding, constants))
+    return cls(train_step, eval_step, constants)
+
+  def evaluate(self, params, task: Task, setup: setup_lib.Setup) -> dict[str, float]:
+    sums = metrics_lib.total(
+        self.eval(params, sharding.shard_batch(b, setup.mesh, setup.rules))
+        for b in task.eval_data())
+    return metrics_lib.prefixed(metrics_lib.finalize(sums), 'eval')
+
+
+def _loop(config: TrainConfig, setup: setup_lib.Setup, task: Task, steps: _Steps, state,
+          start: int, stopper: EarlyStopping, checkpoints: Checkpoints, log: Logger):
+  """Steps `start + 1 .. num_steps`: log, evaluate, checkpoint, stop early. Returns (last
+  step, early stopping record, last eval metrics, last logged train loss)."""
+  window, timer = _Window(checkpoints), _Throughput()
+  schedule = optim.make_schedule(config.optim, config.num_steps)
+  compiled = None  # compiled ahead of time at the first batch, for the memory report
+  eval_metrics, last_loss = None, float('nan')
+  for step in range(start + 1, config.num_steps + 1):
+    batch = sharding.shard_batch(next(task.train_data), setup.mesh, setup.rules)
+    if compiled is None:
+      compiled = steps.train.lower(state, batch, steps.constants).compile()
+      log.info(f'Mesh {dict(setup.mesh.shape)}, memory per device:\n'
+               + memory.report(setup.abstract, compiled))
+    state, step_metrics = compiled(state, batch, steps.constants)
+    # Keep at most one step queued behind the running one: the device never idles, and host
+    # memory for queued batches stays bounded (deep queues of collectives have also been seen
+    # to hang XLA's CPU runtime on simulated multi-device meshes).
+    window.wait_for_previous()
+    window.add(step, step_metrics)
+    timer.count(task.count_tokens(batch))
+
+    last = step == config.num_steps
+    if step % config.log_every == 0 or last:
+      means, throughput = window.flush(), timer.rate()
+      log.write(step, {**metrics_lib.prefixed(means, 'train'),
+                       'train/lr': float(schedule(step - 1)), 'train/tokens_per_s': throughput})
+      log.progress(step, loss=means['loss'], tok_s=throughput)
+      last_loss = means['loss']
+    else:
+      log.progress(step)
+
+    eval_metrics = None
+    if step % config.eval_every == 0 or last:
+      window.check_finite()
+      eval_metrics = steps.evaluate(state.params, task, setup)
+      stopper = stopper.update(step, eval_metrics)
+      log.write(step, eval_metrics)
+      log.info(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in eval_metrics.items()))
+    if eval_metrics or last or step % config.checkpoint.every_steps == 0:
+      window.check_finite()
+      _save(checkpoints, step, state, task, stopper, eval_metrics)
+    if stopper.should_stop:
+      log.info(f'Early stopping at step {step}: {stopper.metric} has not improved for '
+               f'{stopper.patience} evaluations; best {stopper.best_value:.4f} at step '
+               f'{stopper.best_step}.')
+      break
+  return step, stopper, eval_metrics, last_loss
+
+
+def _save(checkpoints: Checkpoints, step: int, state, task: Task, stopper: EarlyStopping,
+          eval_metrics: dict[str, float] | None) -> None:
+  """Checkpoint `step` with every process's data position (one list entry per process) and
+  the early stopping record; all processes call this."""
+  progress = {'data': distributed.allgather_json(task.train_data.get_state()),
+              'early_stopping': stopper.to_json()}
+  checkpoints.save(step, state, progress, metrics=eval_metrics)
 
 
 def _this_process(states: list[dict], directory: str) -> dict:
