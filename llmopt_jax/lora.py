@@ -47,13 +47,10 @@ einsums, replaced layers). This keeps one model class per family, handles rank-3
 kernels with their sharding axes, and keeps the base weights a subtree that import and export
 address by their usual paths.
 
-Use in a stage:
-  cfg = lora.from_config(config.peft)                       # None when peft.method == 'none'
-  tx = optim.make_optimizer(config.optim, steps, frozen=lora.is_frozen(cfg))
-  graphdef, init = state.init_fn(build_model, tx, seed,
-                                 extend_params=lambda p: lora.add_adapters(p, cfg, key))
-  train_step = step.make_train_step(graphdef, tx, loss_fn, seed=seed,
-                                    params_transform=lora.params_transform(cfg))
+Use: a fine-tune puts LoRA's three hooks on its `Task` (`tasks/peft.lora_fields`), and the
+loop builds the optimizer with `frozen=lora.is_frozen(cfg)`, adds the adapters at init
+(`extend_params=lambda p: lora.add_adapters(p, cfg, key)`) and merges them in every step
+(`params_transform=lora.params_transform(cfg)`).
   export_params = lora.merge(state.params, cfg)             # plain params for nnx.merge
 """
 

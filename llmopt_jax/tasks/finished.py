@@ -133,10 +133,7 @@ def load(workdir: str, mesh: Mesh, rules: sharding.Rules, *,
   (mesh, rules) by their logical axes and cast to `dtype` if given."""
   card = read_card(workdir)
   step = trained.best_step(workdir)
-  abstract = jax.eval_shape(lambda: _trainable_tree(card))
-  shardings = sharding.tree_shardings(abstract, mesh, rules)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+  target = trained.abstract_on(jax.eval_shape(lambda: _trainable_tree(card)), mesh, rules)
   params = trained.restore_params(workdir, step, target)
   if card.params_key:
     params = params[card.params_key]

@@ -20,10 +20,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 
 from llmopt_jax import metrics as metrics_lib
 from llmopt_jax import sharding
-from llmopt_jax.train import setup as setup_lib
 from llmopt_jax.train import step as step_lib
 from llmopt_jax.train.config import TrainConfig
 from llmopt_jax.train.task import Task
@@ -68,13 +68,15 @@ def evaluate_checkpoint(config: TrainConfig, workdir: str, task: Task, step: int
 
   Used after training to score the kept best checkpoint on a held-out test split.
   """
-  setup = setup_lib.Setup.of(config, task)
-  params = _restore_params(config, workdir, setup, step)
-  eval_step = step_lib.make_eval_step(
-      setup.graphdef, task.eval_fn, params_transform=task.params_transform)
-  eval_step = step_lib.jit_eval_step(eval_step, setup.shardings.params, setup.mesh, setup.rules)
-  return metrics_lib.total(
-      eval_step(params, sharding.shard_batch(b, setup.mesh, setup.rules)) for b in batches)
+  mesh, rules = sharding.from_config(config.mesh)
+  graphdef, target = trainable_target(task, mesh, rules)
+  params = restore_params(workdir, step, target)
+  eval_step = step_lib.make_eval_step(graphdef, task.eval_fn,
+                                      params_transform=task.params_transform)
+  eval_step = step_lib.jit_eval_step(eval_step, jax.tree.map(lambda a: a.sharding, target),
+                                     mesh, rules)
+  return metrics_lib.total(eval_step(params, sharding.shard_batch(b, mesh, rules))
+                           for b in batches)
 
 
 def load_params(config: TrainConfig, workdir: str, task: Task,
@@ -83,28 +85,31 @@ def load_params(config: TrainConfig, workdir: str, task: Task,
 
   The parameters are those the model runs with: LoRA adapters merged in (the task's params
   transform), placed on the mesh of `config.mesh` with the model's logical-axis shardings.
-  `nnx.merge(graphdef, params)` gives the model.
+  `nnx.merge(graphdef, params)` gives the model. No optimizer is built or read.
   """
-  setup = setup_lib.Setup.of(config, task)
-  params = _restore_params(config, workdir, setup, best_step(workdir) if step is None else step)
+  mesh, rules = sharding.from_config(config.mesh)
+  graphdef, target = trainable_target(task, mesh, rules)
+  params = restore_params(workdir, best_step(workdir) if step is None else step, target)
   if task.params_transform is not None:
     params = task.params_transform(params, None)
-  return setup.graphdef, params
+  return graphdef, params
 
 
-def _restore_params(config: TrainConfig, workdir: str, setup: setup_lib.Setup,
-                    step: int) -> Any:
-  """The trainable tree of checkpoint `step`. The optimizer state is restored alongside and
-  dropped: Orbax restores a checkpoint item whole."""
-  checkpoints = setup_lib.open_checkpoints(config, workdir)
-  try:
-    if step not in checkpoints.all_steps():
-      raise FileNotFoundError(f'{checkpoints.directory}: no checkpoint of step {step} '
-                              f'(has {checkpoints.all_steps()})')
-    state, _ = checkpoints.restore(step, setup.abstract)
-  finally:
-    checkpoints.close()
-  return state.params
+def trainable_target(task: Task, mesh: Mesh, rules: sharding.Rules) -> tuple[nnx.GraphDef, Any]:
+  """The model's graphdef and the task's trainable tree as shapes, dtypes and shardings on
+  (mesh, rules): the target `restore_params` reads a checkpoint into. Nothing is allocated."""
+  def trainable():
+    params = nnx.state(task.build_model(nnx.Rngs(0)), nnx.Param)
+    return params if task.extend_params is None else task.extend_params(params)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))))
+  return graphdef, abstract_on(jax.eval_shape(trainable), mesh, rules)
+
+
+def abstract_on(abstract: Any, mesh: Mesh, rules: sharding.Rules) -> Any:
+  """`abstract` (shapes and dtypes) with the shardings its logical axes get on the mesh."""
+  shardings = sharding.tree_shardings(abstract, mesh, rules)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
 
 
 def restore_params(workdir: str, step: int, abstract_params: Any) -> Any:
