@@ -29,12 +29,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = configlib.parse_arg(arg, tiny=False, task='banking77', mesh='data')
   if arg.task == 'lm':
     return _language_model(arg)
-  base = _arg(tiny=arg.tiny, task=arg.task, mesh=arg.mesh)
-  config = configlib.sibling('finetune', base)  # the student trains like a fine-tune
+  base = dict(tiny=arg.tiny, task=arg.task, mesh=arg.mesh)
+  config = configlib.sibling('finetune', **base)  # the student trains like a fine-tune
   config.stage = 'distill'
   config.task = 'classification'
 
-  config.teacher = _teacher(configlib.sibling('finetune', base))
+  config.teacher = _teacher(configlib.sibling('finetune', **base))
   # The students start from MiniLM's pretrained blocks 0 and 5, not from the fine-tuned
   # teacher: so the label-only student learns the task from the labels alone, and whatever the
   # distilled one gains over it came through the distillation loss.
@@ -66,21 +66,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _language_model(arg) -> ml_collections.ConfigDict:
   """task=lm: a pretrained decoder (configs/pretrain.py) into a 2-layer one, same width."""
-  base = _arg(tiny=arg.tiny, mesh=arg.mesh)
-  config = configlib.sibling('pretrain', base)
+  base = dict(tiny=arg.tiny, mesh=arg.mesh)
+  config = configlib.sibling('pretrain', **base)
   config.stage = 'distill'
   config.task = 'lm'
-  config.teacher = _teacher(configlib.sibling('pretrain', base))
+  config.teacher = _teacher(configlib.sibling('pretrain', **base))
   # A pretrain run has no earlier checkpoint: the students start from the teacher's blocks.
   config.student = _student(num_layers=1 if arg.tiny else 2, init='teacher')
   # Next-token distributions of a small LM are already soft: T = 1, as in MiniLLM and GKD.
   config.distill = _distill(alpha=0.5, temperature=1.0)
   config.early_stopping.metric = 'eval/loss'
   return config
-
-
-def _arg(**kw) -> str:
-  return ','.join(k if v is True else f'{k}={v}' for k, v in kw.items() if v is not False)
 
 
 def _teacher(teacher_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -32,10 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def quantization(arg: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
   """The fields both quantization stages share (configs/qat.py builds on this)."""
   lm = arg.task == 'lm'
-  base = ','.join(['tiny'] * arg.tiny + ([] if lm else [f'task={arg.task}']) +
-                  [f'mesh={arg.mesh}'])
+  base = dict(tiny=arg.tiny, mesh=arg.mesh, **({} if lm else {'task': arg.task}))
   sibling = 'pretrain' if lm else 'finetune'
-  config = configlib.sibling(sibling, base)  # data, evaluation (and QAT's training) fields
+  config = configlib.sibling(sibling, **base)  # data, evaluation (and QAT's training) fields
   config.stage = stage
   config.task = 'lm' if lm else 'classification'
 
@@ -45,7 +44,7 @@ def quantization(arg: ml_collections.ConfigDict, stage: str) -> ml_collections.C
   # with `source.config` first if it has not finished.
   config.source.workdir = arg.source
   config.source.student = 'student_kd'   # or 'student_labels'
-  config.source.config = configlib.sibling(sibling, base)
+  config.source.config = configlib.sibling(sibling, **base)
 
   config.quant = quant_config.section()
   config.variants = ('int8', 'int8-group', 'int4', 'int4-group')

@@ -25,17 +25,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = configlib.parse_arg(arg, tiny=False, task='banking77', source='', mesh='data',
                             distill=False)
   lm = arg.task == 'lm'
-  ptq = configlib.sibling('ptq', ','.join(
-      ['tiny'] * arg.tiny + [f'task={arg.task}', f'source={arg.source}', f'mesh={arg.mesh}']))
-  config = ptq
+  config = configlib.sibling('ptq', tiny=arg.tiny, task=arg.task, source=arg.source,
+                             mesh=arg.mesh)
   config.stage = 'qat'
   config.variants = ('int8', 'int4-group') if not arg.tiny else ('int4-group',)
 
   config.qat = ml_collections.ConfigDict()
   config.qat.distill = arg.distill
   # Logit distillation from the float source (fields as in configs/distill.py; online only).
-  config.distill = configlib.sibling(
-      'distill', ','.join(['tiny'] * arg.tiny + [f'task={arg.task}'])).distill
+  config.distill = configlib.sibling('distill', tiny=arg.tiny, task=arg.task).distill
   config.distill.mode = 'online'
 
   if not lm:

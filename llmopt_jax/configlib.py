@@ -11,7 +11,8 @@ import dataclasses
 import importlib.util
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -21,33 +22,46 @@ from llmopt_jax.models import config as model_config
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
 
-def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """Parses 'tiny,model=base' into a ConfigDict typed like `defaults`.
+def parse_arg(arg: str | Mapping[str, Any] | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'tiny,model=base' (or, from another config, {'tiny': True, 'model': 'base'}) into
+  a ConfigDict typed like `defaults`.
 
   A bare name sets a boolean to True; `name=value` is converted to the type of the default.
   """
   parsed = ml_collections.ConfigDict(defaults)
-  for item in filter(None, (arg or '').split(',')):
-    name, has_value, value = item.partition('=')
-    name = name.strip()
+  pairs = arg.items() if isinstance(arg, (Mapping, ml_collections.ConfigDict)) else [
+      _name_and_value(item) for item in filter(None, (arg or '').split(','))]
+  for name, value in pairs:
     if name not in defaults:
       raise ValueError(f'unknown config argument {name!r}; known: {sorted(defaults)}')
-    default = defaults[name]
-    if not has_value:
-      if not isinstance(default, bool):
-        raise ValueError(f'config argument {name!r} needs a value: {name}=...')
-      parsed[name] = True
-    elif isinstance(default, bool):
-      if value.lower() not in ('true', 'false', '1', '0'):
-        raise ValueError(f'config argument {name}={value!r} is not a boolean')
-      parsed[name] = value.lower() in ('true', '1')
-    else:
-      try:
-        parsed[name] = type(default)(value)
-      except ValueError:
-        raise ValueError(
-            f'config argument {name}={value!r} is not a {type(default).__name__}') from None
+    parsed[name] = _typed(name, value, defaults[name])
   return parsed
+
+
+def _name_and_value(item: str) -> tuple[str, str | None]:
+  """'model=base' -> ('model', 'base'); a bare 'tiny' -> ('tiny', None)."""
+  name, has_value, value = item.partition('=')
+  return name.strip(), value if has_value else None
+
+
+def _typed(name: str, value: Any, default: Any) -> Any:
+  """`value` (text from the command line, None for a bare name, or a typed value from another
+  config) as the type of `default`."""
+  if value is None:
+    if not isinstance(default, bool):
+      raise ValueError(f'config argument {name!r} needs a value: {name}=...')
+    return True
+  if isinstance(default, bool):
+    if isinstance(value, bool):
+      return value
+    if str(value).lower() not in ('true', 'false', '1', '0'):
+      raise ValueError(f'config argument {name}={value!r} is not a boolean')
+    return str(value).lower() in ('true', '1')
+  try:
+    return type(default)(value)
+  except ValueError:
+    raise ValueError(
+        f'config argument {name}={value!r} is not a {type(default).__name__}') from None
 
 
 def model_fields(preset: str) -> ml_collections.ConfigDict:
@@ -119,14 +133,15 @@ def optimizer(lr: float, warmup_steps: int) -> ml_collections.ConfigDict:
   ))
 
 
-def sibling(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of `configs/<name>.py`, for a config built on another one (a
-  distillation's student trains like a fine-tune, its teacher is one)."""
+def sibling(name: str, **args: Any) -> ml_collections.ConfigDict:
+  """`get_config(args)` of `configs/<name>.py`, for a config built on another one (a
+  distillation's student trains like a fine-tune, its teacher is one); `args` are that
+  config's arguments, typed (`tiny=True, task='lm'`), checked as the command line's are."""
   path = os.path.join(_CONFIGS, f'{name}.py')
   spec = importlib.util.spec_from_file_location(f'llmopt_configs_{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module.get_config(args)
 
 
 def regexes(value: str | Sequence[str], field: str) -> tuple[str, ...]:
