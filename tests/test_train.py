@@ -8,6 +8,7 @@ import pytest
 
 from conftest import load_config
 from llmopt_jax import configlib, optim, sharding
+from llmopt_jax.stages import pretrain
 from llmopt_jax.tasks import lm
 from llmopt_jax.train import loop
 from llmopt_jax.train import state as state_lib
@@ -162,3 +163,30 @@ def test_state_is_born_with_the_rules_shardings(tfds_dir, tmp_path):
   assert up.addressable_shards[0].data.shape == (up.shape[0], up.shape[1] // 8)
   mu = state.opt_state[1][0].mu['blocks'][0]['mlp']['up'].get_value()
   assert mu.sharding.spec == up.sharding.spec   # Adam's moments follow their parameter
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('train.num_steps', 0, r'config\.train\.num_steps=0 must be an int >= 1'),
+    ('train.log_every', 0, r'config\.train\.log_every=0'),
+    ('train.eval_every', 0, r'config\.train\.eval_every=0'),
+    ('train.num_micro_batches', 3, r'config\.train\.batch_size=8 does not divide'),
+    ('checkpoint.every_steps', 0, r'config\.checkpoint\.every_steps=0'),
+    ('optim.lr', -1e-3, r'config\.optim\.lr=-0\.001'),
+    ('optim.lr', float('nan'), r'config\.optim\.lr=nan'),
+    ('optim.warmup_steps', 7, r'config\.optim\.warmup_steps=7 must lie in \[0, 6\]'),
+    ('optim.b2', 1.0, r'config\.optim\.b2=1\.0'),
+    ('early_stopping.mode', 'up', r"config\.early_stopping\.mode='up'"),
+])
+def test_bad_training_field_is_refused_before_any_work(field, value, message, tfds_dir,
+                                                       tmp_path):
+  """`TrainConfig` checks every training field once, naming it; the stage fails before it
+  reads data or writes a checkpoint."""
+  config = tiny_config(tfds_dir)
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(ValueError, match=message) as error:
+    TrainConfig.from_config(config)
+  assert '\n' not in str(error.value)
+  with pytest.raises(ValueError, match=message):
+    pretrain.run(config, str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists()
