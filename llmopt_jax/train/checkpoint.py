@@ -6,7 +6,10 @@ A checkpoint holds two items:
             finished; everything else the loop needs to continue as if never interrupted.
 
 Orbax writes each step into a temporary directory and renames it only once complete, so a run
-killed mid-save leaves no checkpoint that a restart could pick up half-written.
+killed mid-save leaves no checkpoint that a restart could pick up half-written. The progress
+record also holds a checksum of every array of the state (`checksum.py`), verified on
+restore: a step damaged on disk later (a flipped bit, a truncated or deleted file) is caught,
+moved aside, and the run resumes from the newest step that verifies.
 """
 
 from __future__ import annotations
@@ -17,8 +20,15 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from llmopt_jax import distributed
+from llmopt_jax.train import checksum
+
+# The progress record's entry holding the state's checksums.
+CHECKSUMS = 'checksums'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +81,7 @@ class Checkpoints:
         create=True,
     )
     self.directory = os.path.abspath(directory)
+    self._options = options
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -82,6 +93,9 @@ class Checkpoints:
   def save(
       self, step: int, state: Any, progress: dict, metrics: dict[str, float] | None = None
   ) -> None:
+    """Saves `state` and the JSON `progress` as `step`, with a checksum of every array of
+    `state` in the progress record (verified when the step is restored)."""
+    progress = {**progress, CHECKSUMS: checksum.checksums(state)}
     self._manager.save(
         step,
         args=ocp.args.Composite(
@@ -91,13 +105,47 @@ class Checkpoints:
     )
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """The state, placed with the shardings of `abstract_state`, and the progress record."""
+    """The state, placed with the shardings of `abstract_state`, and the progress record;
+    raises `checksum.CorruptCheckpoint` if an array differs from what was saved."""
     restored = self._manager.restore(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()),
     )
-    return restored['state'], restored['progress']
+    state, progress = restored['state'], restored['progress']
+    checksum.verify(state, progress.get(CHECKSUMS, {}), f'{self.directory}/{step}')
+    return state, progress
+
+  def restore_newest_good(self, abstract_state: Any
+                          ) -> tuple[int | None, Any, dict, list[str]]:
+    """(step, state, progress, problems) of the newest checkpoint that reads back and
+    verifies; (None, None, {}, problems) if none does. A step that fails is moved aside to
+    `damaged-<step>` (kept for inspection, never deleted) and named in `problems`."""
+    problems = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, progress = self.restore(step, abstract_state)
+        return step, state, progress, problems
+      except Exception as e:  # noqa: BLE001  (any failure to read a step means: fall back)
+        problems.append(f'checkpoint {self.directory}/{step} cannot be used '
+                        f'({type(e).__name__}: {" ".join(str(e).split())[:300]}); moved to '
+                        f'{self._quarantine(step)}')
+    return None, None, {}, problems
+
+  def _quarantine(self, step: int) -> str:
+    """Moves step `step` out of the manager's sight and reopens the manager."""
+    self._manager.wait_until_finished()
+    target = os.path.join(self.directory, f'damaged-{step}')
+    suffix = 0
+    while os.path.exists(target + (f'.{suffix}' if suffix else '')):
+      suffix += 1
+    target += f'.{suffix}' if suffix else ''
+    if jax.process_index() == 0:
+      os.rename(os.path.join(self.directory, str(step)), target)
+    distributed.barrier(f'quarantine_{step}')
+    self._manager.close()
+    self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+    return target
 
   def restore_progress(self, step: int) -> dict:
     restored = self._manager.restore(

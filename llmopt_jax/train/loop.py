@@ -42,8 +42,10 @@ def train(config: TrainConfig, workdir: str, task: Task) -> dict[str, Any]:
 
   # ---- Checkpoints: resume if the workdir has one -------------------------------------------
   checkpoints = setup_lib.open_checkpoints(config, workdir)
-  state, start, stopper = _initial_state(config, setup, task, checkpoints)
+  state, start, stopper, problems = _initial_state(config, setup, task, checkpoints)
   log = Logger(workdir, total_steps=config.num_steps, start_step=start)
+  for problem in problems:
+    log.info(problem)
   if start:
     log.info(f'Resumed from {checkpoints.directory}/{start}.')
   if start >= config.num_steps or stopper.should_stop:
@@ -64,20 +66,24 @@ def train(config: TrainConfig, workdir: str, task: Task) -> dict[str, Any]:
 
 
 def _initial_state(config: TrainConfig, setup: setup_lib.Setup, task: Task,
-                   checkpoints: Checkpoints) -> tuple[state_lib.TrainState, int, EarlyStopping]:
-  """(state, step, early stopping record): the newest checkpoint's, with the data position
-  restored, or a fresh state born sharded (from the task's pretrained weights if any)."""
+                   checkpoints: Checkpoints
+                   ) -> tuple[state_lib.TrainState, int, EarlyStopping, list[str]]:
+  """(state, step, early stopping record, problems): the newest checkpoint that verifies,
+  with the data position restored, or a fresh state born sharded (from the task's pretrained
+  weights if any); `problems` name the damaged checkpoints passed over."""
   stopper = EarlyStopping(**dataclasses.asdict(config.early_stopping))
-  start = checkpoints.latest_step()
+  start, state, progress, problems = checkpoints.restore_newest_good(setup.abstract)
+  if problems and start is None:
+    raise FileNotFoundError(f'no checkpoint in {checkpoints.directory} can be used ('
+                            + '; '.join(problems) + '); rerun to start the run afresh')
   if start is not None:
-    state, progress = checkpoints.restore(start, setup.abstract)
     task.train_data.set_state(_this_process(progress['data'], checkpoints.directory))
-    return state, start, stopper.with_json(progress['early_stopping'])
+    return state, start, stopper.with_json(progress['early_stopping']), problems
   if task.pretrained is None:
-    return state_lib.initialize(setup.init, setup.shardings), 0, stopper
+    return state_lib.initialize(setup.init, setup.shardings), 0, stopper, problems
   state = state_lib.initialize_from(task.pretrained(setup.mesh, setup.rules), setup.tx,
                                     setup.shardings, task.extend_params)
-  return state, 0, stopper
+  return state, 0, stopper, problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +208,7 @@ class _Window:
     for (step, _), ok in zip(unchecked, flags):
       if not ok:
         last_good = self._checkpoints.latest_step()
-        kept = (f'the last good checkpoint (step {last_good}) is intact'
+        kept = (f'the last checkpoint (step {last_good}, checksummed) holds the state before it'
                 if last_good is not None else 'no checkpoint had been written yet')
         raise NonFiniteError(f'non-finite loss or gradient at step {step}; {kept}')
 
