@@ -56,7 +56,8 @@ def _missing_field_message(error: BaseException, argv: list[str]) -> str:
 
 
 def run_reporting_errors(fn: Callable[[], object], expected: tuple[type, ...]) -> None:
-  """Runs `fn`; an expected error (bad input) becomes one line on stderr and exit code 1.
+  """Runs `fn`; an expected error (bad input) becomes one line on stderr and exit code 1,
+  an interrupt (Ctrl-C) one line and exit code 130.
 
   LLMOPT_TRACEBACK=1 re-raises instead, for debugging.
   """
@@ -66,3 +67,9 @@ def run_reporting_errors(fn: Callable[[], object], expected: tuple[type, ...]) -
     if os.environ.get('LLMOPT_TRACEBACK'):
       raise
     fail(str(e))
+  except KeyboardInterrupt as e:  # Ctrl-C: one line, and the shell's exit code for SIGINT
+    if os.environ.get('LLMOPT_TRACEBACK'):
+      raise
+    print(f'error: {one_line(e) or "interrupted; rerun the same command to resume"}',
+          file=sys.stderr)
+    sys.exit(130)

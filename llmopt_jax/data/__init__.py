@@ -6,6 +6,7 @@
   labelled.py          labelled texts: user CSV/TSV/JSONL files, stratified validation carve-out
   intents.py           the shipped intent sets, Banking77 and CLINC150
   classification.py    sharded, resumable (optionally class-balanced) classification batches
+  utf8.py              users' text files decoded strictly: the offset of the first bad byte
   tiny_shakespeare/    the shipped corpus and its TFDS builder
   banking77/, clinc150/  the shipped intent data, with their PROVENANCE.md
 

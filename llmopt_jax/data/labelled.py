@@ -17,15 +17,21 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
+from llmopt_jax.data import utf8
+
 # A carve-out uses this seed unless told otherwise: it is not the run's seed, so that runs
 # with different seeds (a sweep, a seed study) are all selected on the same validation set.
 VALIDATION_SEED = 0
+
+_LINE_BREAK = re.compile(r'\r\n|\r|\n')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,65 +107,150 @@ def carve_validation(train: Split, fraction: float, seed: int = VALIDATION_SEED
 
 
 def read_rows(path: str, text_field: str, label_field: str) -> list[tuple[str, str]]:
-  """(text, label name) rows of a CSV, TSV or JSONL file; texts are stripped of outer space.
+  """(text, label name) rows of a CSV, TSV or JSONL file; both are stripped of outer space.
 
-  Fails with one line naming the file and the problem: missing or empty file, unknown format,
-  a missing column (with the columns there are), or a row without a value.
+  The parse is strict, because a silently misread row trains on the wrong data: a file that is
+  not UTF-8, a CSV quoting error, a row with the wrong number of fields, a quote that swallows
+  the rows after it (`_swallowed_label`), a line that is not a JSON object, an empty text or
+  label each fail with one line naming the file and the line of the row.
   """
   if not path or not os.path.isfile(path):
     raise FileNotFoundError(f'classification data file {path!r} does not exist')
   ext = os.path.splitext(path)[1].lower()
-  if ext in ('.csv', '.tsv'):
-    records = _delimited(path, ',' if ext == '.csv' else '\t', (text_field, label_field))
-  elif ext in ('.jsonl', '.ndjson'):
-    records = _json_lines(path, (text_field, label_field))
-  else:
+  if ext not in ('.csv', '.tsv', '.jsonl', '.ndjson'):
     raise ValueError(f'{path}: unknown format {ext!r}; use .csv, .tsv or .jsonl')
+  content = utf8.read_text(path)
+  if ext in ('.csv', '.tsv'):
+    records = _delimited(path, content, ',' if ext == '.csv' else '\t', text_field, label_field)
+  else:
+    records = _json_lines(path, content, (text_field, label_field))
   rows = []
-  for line, record in records:
-    text, label = record.get(text_field), record.get(label_field)
+  for line, text, label in records:
     for field, value in ((text_field, text), (label_field, label)):
-      if value is None:
-        raise ValueError(f'{path}, line {line}: no value in column {field!r}')
-    rows.append((str(text).strip(), str(label).strip()))
+      if not value.strip():
+        raise ValueError(f'{path}, line {line}: empty value in column {field!r}')
+    if _LINE_BREAK.search(label):
+      raise ValueError(f'{path}, line {line}: the label {label!r} in column {label_field!r} '
+                       'spans lines; is a quote left open?')
+    rows.append((text.strip(), label.strip()))
   if not rows:
     raise ValueError(f'{path} holds no examples')
   return rows
 
 
-def _delimited(path: str, delimiter: str, fields: tuple[str, str]):
-  """(line number, row dict) of a CSV/TSV file with a header, checking the header first."""
-  with open(path, newline='', encoding='utf-8-sig') as f:
-    reader = csv.DictReader(f, delimiter=delimiter)
-    columns = reader.fieldnames
-    if not columns:
-      raise ValueError(f'{path} is empty (no header row)')
-    for field in fields:
-      if field not in columns:
-        raise ValueError(f'column {field!r} is not in {path}; available: {list(columns)}')
-    # A physical line count would be wrong for quoted texts spanning lines; the reader knows.
-    return [(reader.line_num, row) for row in reader]
+def _delimited(path: str, content: str, delimiter: str, text_field: str, label_field: str
+               ) -> list[tuple[int, str, str]]:
+  """(first line, text, label) of each row of a CSV/TSV file with a header, parsed strictly.
+
+  Line numbers are physical lines (the csv reader's count), so a row after a quoted
+  multi-line text is still named by the line an editor shows it on.
+  """
+  reader = csv.reader(io.StringIO(content, newline=''), delimiter=delimiter, strict=True)
+  records = []  # (first line, last line, cells)
+  start = 1
+  try:
+    header = next(reader, None)
+    text_col, label_col = _columns(path, header, (text_field, label_field))
+    start = reader.line_num + 1
+    for cells in reader:
+      if cells and len(cells) != len(header):  # the reader gives [] for a blank line
+        spans = (f'; the row runs on to line {reader.line_num}: is a quote on line {start} left '
+                 'open?') if reader.line_num > start else ''
+        raise ValueError(f'{path}, line {start}: {len(cells)} fields where the header has '
+                         f'{len(header)} ({header}){spans}')
+      if cells:
+        records.append((start, reader.line_num, cells))
+      start = reader.line_num + 1
+  except csv.Error as e:
+    raise ValueError(_quoting_error(path, start, reader.line_num, e)) from e
+  # Only now is every label known, which tells a swallowed row from a multi-line text.
+  labels = {cells[label_col].strip() for _, _, cells in records} - {''}
+  for first, last, cells in records:
+    swallowed = last > first and _swallowed_label(cells, label_col, delimiter, labels)
+    if swallowed:
+      raise ValueError(
+          f'{path}, line {first}: a quoted field runs on to line {last} and holds what looks '
+          f'like a whole row (label {swallowed!r}); is a quote on line {first} left open? '
+          'A quote inside a field must be doubled ("")')
+  return [(first, cells[text_col], cells[label_col]) for first, _, cells in records]
 
 
-def _json_lines(path: str, fields: tuple[str, str]):
-  """(line number, object) of a JSON Lines file; blank lines are skipped."""
+def _columns(path: str, header: list[str] | None, fields: tuple[str, ...]) -> list[int]:
+  """The position of each of `fields` in a CSV/TSV `header`."""
+  if not header:
+    raise ValueError(f'{path} is empty (no header row)')
+  for field in fields:
+    if field not in header:
+      raise ValueError(f'column {field!r} is not in {path}; available: {header}')
+    if header.count(field) > 1:
+      raise ValueError(f'{path}: column {field!r} appears {header.count(field)} times in the '
+                       'header')
+  return [header.index(field) for field in fields]
+
+
+def _quoting_error(path: str, start: int, end: int, error: csv.Error) -> str:
+  """One line for a CSV syntax error in the row starting on line `start`."""
+  if 'unexpected end of data' in str(error):
+    return (f'{path}, line {start}: a quote opened in this row is never closed (the field runs '
+            'to the end of the file)')
+  where = f' (the row runs on to line {end})' if end > start else ''
+  return (f'{path}, line {start}: bad quoting: {error}{where}; a quoted field must be closed '
+          'just before a delimiter or the end of its line, and a quote inside it doubled ("")')
+
+
+def _swallowed_label(cells: list[str], label_col: int, delimiter: str,
+                     labels: set[str]) -> str | None:
+  """A known label found in a multi-line field where a row swallowed by an open quote has it.
+
+  A quote left open in field i of row r runs to the next quote that is followed by a
+  delimiter or a line end, so the field holds, line by line: the rest of row r (its fields
+  after i, label included when label_col > i), whole rows (every field), and the start of the
+  row where the quote closes (its fields before i, label included when label_col < i). A
+  legitimately quoted multi-line text is flagged only if one of its lines splits the same way
+  with one of the file's labels exactly in the label's place.
+  """
+  width = len(cells)
+  for i, cell in enumerate(cells):
+    lines = _LINE_BREAK.split(cell)
+    if len(lines) == 1 or i == label_col:
+      continue
+    candidates = [parts[label_col] for parts in (line.split(delimiter) for line in lines[1:-1])
+                  if len(parts) == width]
+    first, last = lines[0].split(delimiter), lines[-1].split(delimiter)
+    if label_col > i and len(first) >= width - i:
+      candidates.append(first[label_col - width])
+    if label_col < i and len(last) > i:
+      candidates.append(last[label_col])
+    for candidate in candidates:
+      if candidate.strip() in labels:
+        return candidate.strip()
+  return None
+
+
+def _json_lines(path: str, content: str, fields: tuple[str, str]) -> list[tuple[int, str, str]]:
+  """(line, text, label) of a JSON Lines file; blank lines are skipped."""
   records = []
-  with open(path, encoding='utf-8-sig') as f:
-    for line, raw in enumerate(f, 1):
-      if not raw.strip():
-        continue
-      try:
-        record = json.loads(raw)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}, line {line}: not JSON ({e.msg})') from e
-      if not isinstance(record, dict):
-        raise ValueError(f'{path}, line {line}: a JSON object is needed, got '
-                         f'{type(record).__name__}')
-      for field in fields:
-        if field not in record:
-          raise ValueError(f'column {field!r} is not in {path} (line {line}); '
-                           f'available: {sorted(record)}')
-      records.append((line, record))
+  for line, raw in enumerate(content.split('\n'), 1):
+    if not raw.strip():
+      continue
+    try:
+      record = json.loads(raw)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}, line {line}: not JSON ({e.msg}, column {e.colno})') from e
+    if not isinstance(record, dict):
+      raise ValueError(f'{path}, line {line}: a JSON object is needed, got '
+                       f'{type(record).__name__}')
+    values = []
+    for field in fields:
+      if field not in record:
+        raise ValueError(f'column {field!r} is not in {path} (line {line}); '
+                         f'available: {sorted(record)}')
+      value = record[field]
+      if value is None or isinstance(value, (dict, list)):
+        raise ValueError(f'{path}, line {line}: column {field!r} holds '
+                         f'{json.dumps(value)[:40]}, not a text or a label')
+      values.append(str(value))
+    records.append((line, *values))
   return records
 
 

@@ -29,6 +29,36 @@ def _refuse_pickle(path: str) -> None:
                    f'{SINGLE} (save_pretrained(safe_serialization=True))')
 
 
+def read_json(file: str) -> dict:
+  """The JSON object in `file`; anything else is one line naming the file and the place."""
+  with open(file, 'rb') as f:
+    data = f.read()
+  try:
+    value = json.loads(data.decode('utf-8'))
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{file}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset '
+                     f'{e.start})') from e
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{file}: not valid JSON ({e.msg}: line {e.lineno}, column {e.colno})') from e
+  if not isinstance(value, dict):
+    raise ValueError(f'{file}: a JSON object is needed, got {type(value).__name__}')
+  return value
+
+
+def _safe_open(file: str):
+  """A safetensors handle on `file`; a truncated or foreign file fails naming it.
+
+  The header (a length, then JSON giving every tensor's byte range) is checked against the
+  file's size here, so a truncated download fails on opening rather than mid-load.
+  """
+  try:
+    return safetensors.safe_open(file, framework='np')
+  except safetensors.SafetensorError as e:
+    reason = ' '.join(str(e).split())
+    raise ValueError(f'{file}: not a readable safetensors file ({reason}); truncated, or not '
+                     'a checkpoint?') from e
+
+
 def checkpoint_files(path: str) -> dict[str, str]:
   """Tensor name -> file holding it, for a checkpoint directory or one .safetensors file."""
   if os.path.isfile(path):
@@ -36,14 +66,16 @@ def checkpoint_files(path: str) -> dict[str, str]:
       _refuse_pickle(path)
     if not path.endswith('.safetensors'):
       raise ValueError(f'{path}: not a .safetensors file')
-    with safetensors.safe_open(path, framework='np') as f:
+    with _safe_open(path) as f:
       return {name: path for name in f.keys()}
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{path}: no such checkpoint file or directory')
   index = os.path.join(path, INDEX)
   if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)['weight_map']
+    weight_map = read_json(index).get('weight_map')
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(file, str) for file in weight_map.values()):
+      raise ValueError(f'{index}: no "weight_map" object of tensor name -> file name')
     return {name: os.path.join(path, file) for name, file in weight_map.items()}
   if os.path.exists(os.path.join(path, SINGLE)):
     return checkpoint_files(os.path.join(path, SINGLE))
@@ -69,7 +101,7 @@ class Reader:
     if file not in self._open:
       if not os.path.exists(file):
         raise FileNotFoundError(f'{file}: listed in {INDEX} for tensor {name} but missing')
-      self._open[file] = safetensors.safe_open(file, framework='np')
+      self._open[file] = _safe_open(file)
     return self._open[file]
 
   def shape(self, name: str) -> tuple[int, ...]:

@@ -10,7 +10,6 @@ beyond the memory-mapped file, and each device only its shards.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -33,8 +32,7 @@ def read_config(path: str) -> dict[str, Any]:
   if not os.path.exists(file):
     raise FileNotFoundError(f'{directory}: no config.json (a Hugging Face model directory has '
                             f'config.json and model.safetensors)')
-  with open(file) as f:
-    return json.load(f)
+  return checkpoint.read_json(file)  # malformed JSON fails naming the file, line and column
 
 
 def build(config: TransformerConfig, head: HeadConfig | None, rngs: nnx.Rngs) -> nnx.Module:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from typing import Any
 
 import jax
@@ -19,19 +18,17 @@ import numpy as np
 
 from llmopt_jax import metrics as metrics_lib
 from llmopt_jax import distributed, optim, sharding
-from llmopt_jax.train import memory
+from llmopt_jax.train import interrupt, memory
 from llmopt_jax.train import setup as setup_lib
 from llmopt_jax.train import state as state_lib
 from llmopt_jax.train import step as step_lib
+from llmopt_jax.train import window as window_lib
 from llmopt_jax.train.checkpoint import Checkpoints
 from llmopt_jax.train.config import TrainConfig
 from llmopt_jax.train.early_stopping import EarlyStopping
 from llmopt_jax.train.logger import Logger
 from llmopt_jax.train.task import Task
-
-
-class NonFiniteError(RuntimeError):
-  """A loss or gradient became NaN/Inf; the message names the step."""
+from llmopt_jax.train.window import NonFiniteError  # noqa: F401  (raised by the loop)
 
 
 def train(config: TrainConfig, workdir: str, task: Task) -> dict[str, Any]:
@@ -53,12 +50,20 @@ def train(config: TrainConfig, workdir: str, task: Task) -> dict[str, Any]:
     return _finish(workdir, checkpoints, log, stopper, start, last_eval=None)
 
   # ---- Steps and loop -----------------------------------------------------------------------
-  steps = _Steps.of(config, setup, task)
-  try:
-    step, stopper, eval_metrics, last_loss = _loop(
-        config, setup, task, steps, state, start, stopper, checkpoints, log)
-  finally:
-    checkpoints.wait()
+  steps, window = _Steps.of(config, setup, task), window_lib.Window(checkpoints, start)
+  with interrupt.CtrlC() as ctrl_c:
+    window.ctrl_c = ctrl_c
+    try:
+      step, stopper, eval_metrics, last_loss = _loop(
+          config, setup, task, steps, state, stopper, window, log)
+    except interrupt.Stop:
+      checkpoints.wait()  # a save in flight completes
+      raise interrupt.Interrupted(
+          f'interrupted at step {window.last_step}; the last checkpoint is step '
+          f'{checkpoints.latest_step()} in {checkpoints.directory}; rerun the same command to '
+          f'resume') from None
+    finally:
+      checkpoints.wait()
   if jax.process_count() > 1:  # lets a launcher check that the processes agree
     print(f'process {jax.process_index()}/{jax.process_count()}: step {step}, '
           f'train loss {last_loss:.8f}', flush=True)
@@ -114,14 +119,14 @@ class _Steps:
 
 
 def _loop(config: TrainConfig, setup: setup_lib.Setup, task: Task, steps: _Steps, state,
-          start: int, stopper: EarlyStopping, checkpoints: Checkpoints, log: Logger):
-  """Steps `start + 1 .. num_steps`: log, evaluate, checkpoint, stop early. Returns (last
-  step, early stopping record, last eval metrics, last logged train loss)."""
-  window, timer = _Window(checkpoints), _Throughput()
+          stopper: EarlyStopping, window: window_lib.Window, log: Logger):
+  """Steps after `window.last_step` up to `num_steps`: log, evaluate, checkpoint, stop early.
+  Returns (last step, early stopping record, last eval metrics, last logged train loss)."""
+  timer = window_lib.Throughput()
   schedule = optim.make_schedule(config.optim, config.num_steps)
   compiled = None  # compiled ahead of time at the first batch, for the memory report
   eval_metrics, last_loss = None, float('nan')
-  for step in range(start + 1, config.num_steps + 1):
+  for step in range(window.last_step + 1, config.num_steps + 1):
     batch = sharding.shard_batch(next(task.train_data), setup.mesh, setup.rules)
     if compiled is None:
       compiled = steps.train.lower(state, batch, steps.constants).compile()
@@ -154,7 +159,7 @@ def _loop(config: TrainConfig, setup: setup_lib.Setup, task: Task, steps: _Steps
       log.info(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in eval_metrics.items()))
     if eval_metrics or last or step % config.checkpoint.every_steps == 0:
       window.check_finite()
-      _save(checkpoints, step, state, task, stopper, eval_metrics)
+      _save(window.checkpoints, step, state, task, stopper, eval_metrics)
     if stopper.should_stop:
       log.info(f'Early stopping at step {step}: {stopper.metric} has not improved for '
                f'{stopper.patience} evaluations; best {stopper.best_value:.4f} at step '
@@ -178,61 +183,6 @@ def _this_process(states: list[dict], directory: str) -> dict:
     raise ValueError(f'the checkpoints in {directory} were written by {len(states)} '
                      f'processes; resume with the same number (now {jax.process_count()})')
   return states[jax.process_index()]
-
-
-class _Window:
-  """Per-step metrics since the last log line, kept on device until they are needed.
-
-  Fetching them only at log, eval and checkpoint time avoids a host sync per step; the NaN/Inf
-  guard still names the exact first bad step, and runs before any checkpoint is written, so
-  the last good checkpoint is never replaced by a poisoned one.
-  """
-
-  def __init__(self, checkpoints: Checkpoints):
-    self._checkpoints = checkpoints
-    self._pending: list[tuple[int, Any]] = []
-    self._unchecked = 0
-
-  def wait_for_previous(self) -> None:
-    if self._pending:
-      jax.block_until_ready(self._pending[-1][1]['finite'][0])
-
-  def add(self, step: int, step_metrics) -> None:
-    self._pending.append((step, step_metrics))
-    self._unchecked += 1
-
-  def check_finite(self) -> None:
-    unchecked = self._pending[len(self._pending) - self._unchecked:]
-    flags = jax.device_get([m['finite'][0] for _, m in unchecked])
-    self._unchecked = 0
-    for (step, _), ok in zip(unchecked, flags):
-      if not ok:
-        last_good = self._checkpoints.latest_step()
-        kept = (f'the last checkpoint (step {last_good}, checksummed) holds the state before it'
-                if last_good is not None else 'no checkpoint had been written yet')
-        raise NonFiniteError(f'non-finite loss or gradient at step {step}; {kept}')
-
-  def flush(self) -> dict[str, float]:
-    self.check_finite()
-    means = metrics_lib.finalize(metrics_lib.total(m for _, m in self._pending))
-    means.pop('finite', None)
-    self._pending = []
-    return means
-
-
-class _Throughput:
-  def __init__(self):
-    self._since = time.perf_counter()
-    self._tokens = 0
-
-  def count(self, tokens: int) -> None:
-    self._tokens += tokens
-
-  def rate(self) -> float:
-    now = time.perf_counter()
-    rate = self._tokens / max(now - self._since, 1e-9)
-    self._since, self._tokens = now, 0
-    return rate
 
 
 def _finish(workdir: str, checkpoints: Checkpoints, log: Logger, stopper: EarlyStopping,

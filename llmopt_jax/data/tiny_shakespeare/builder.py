@@ -18,6 +18,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from llmopt_jax.data import utf8
+
 _CITATION = r"""@misc{karpathy2015charrnn,
   author       = {Andrej Karpathy},
   title        = {char-rnn: Multi-layer Recurrent Neural Networks for character-level
@@ -87,7 +89,7 @@ def read_speeches(path: epath.Path) -> list[str]:
   """The blocks of the corpus between blank lines; fails with the file name when unusable."""
   if not path.exists():
     raise FileNotFoundError(f'corpus file {path} is missing')
-  text = path.read_text(encoding='utf-8')
+  text = utf8.decode(path.read_bytes(), path)  # a non-UTF-8 byte is named by its offset
   if not text.strip():
     raise ValueError(f'corpus file {path} is empty')
   return text.removesuffix('\n').split(SEPARATOR)
