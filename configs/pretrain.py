@@ -7,8 +7,9 @@
   python main.py --config=configs/pretrain.py:mesh=fsdp --config.mesh.rules.mlp=tensor \
       --config.mesh.shape="{'data': 2, 'fsdp': 2, 'tensor': 2}" --workdir=runs/lm_2x2x2
 
-Arguments (after the colon): tiny, model=<preset> (tiny|small|base|llama_1b|llama_7b),
-tokenizer=<bpe|byte>, mesh=<preset> (data|fsdp|tensor|fsdp_tensor; llmopt_jax/sharding.py).
+Arguments (after the colon): tiny, model=<preset> (tiny|small|base|llama_1b|llama_7b; default
+small, or tiny under `tiny`), tokenizer=<bpe|byte> (default bpe, or byte under `tiny`),
+mesh=<preset> (data|fsdp|tensor|fsdp_tensor; llmopt_jax/sharding.py).
 """
 
 import ml_collections
@@ -17,12 +18,14 @@ from llmopt_jax import configlib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = configlib.parse_arg(arg, tiny=False, model='small', tokenizer='bpe', mesh='data')
+  # model and tokenizer left empty take the defaults of the run's size: small and bpe, or
+  # under `tiny` the tiny preset and bytes; given, they are honoured at `tiny` too.
+  arg = configlib.parse_arg(arg, tiny=False, model='', tokenizer='', mesh='data')
   config = configlib.common(seed=0, mesh_preset=arg.mesh)
   config.stage = 'pretrain'
 
   # Every field of the preset; `vocab_size` is replaced by the tokenizer's (rounded up).
-  config.model = configlib.model_fields('tiny' if arg.tiny else arg.model)
+  config.model = configlib.model_fields(arg.model or ('tiny' if arg.tiny else 'small'))
   config.model.dropout_rate = 0.1
   config.model.attention_dropout_rate = 0.0
 
@@ -35,7 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.text_field = 'text'
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'
-  config.data.tokenizer = arg.tokenizer  # 'bpe' (trained on the train split) or 'byte'
+  # 'bpe' (trained on the train split) or 'byte'
+  config.data.tokenizer = arg.tokenizer or ('byte' if arg.tiny else 'bpe')
   config.data.vocab_size = 2048          # BPE only; small corpus, small vocabulary
   config.data.seq_len = 128
   config.data.num_shards = 0             # data shards; 0 = one per process. Fix it to keep the
@@ -54,7 +58,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint.every_steps = 100
 
   if arg.tiny:  # seconds on a laptop CPU; every test reuses this
-    config.data.tokenizer = 'byte'
     config.data.seq_len = 32
     config.optim.warmup_steps = 2
     config.train.batch_size = 8

@@ -106,6 +106,11 @@ BAD_INPUT = {
     'missing_config_file': (['--config=configs/no_such_config.py'],
                             ['configs/no_such_config.py']),
     'unknown_model_preset': (['--config=configs/pretrain.py:model=huge'], ['huge', 'small']),
+    # `tiny` shrinks everything else but honours (and checks) an explicit model or tokenizer.
+    'unknown_model_preset_at_tiny': (['--config=configs/pretrain.py:tiny,model=huge'],
+                                     ['huge', 'small']),
+    'unknown_tokenizer_at_tiny': ([TINY + ',tokenizer=wordpiece'],
+                                  ['config.data.tokenizer', 'wordpiece']),
     'unknown_config_argument': (['--config=configs/pretrain.py:tiniest'], ['tiniest', 'tiny']),
     'override_of_wrong_type': ([TINY, '--config.optim.lr=abc'], ['config.optim.lr', 'abc']),
     'unknown_override_field': ([TINY, '--config.optim.lrr=1e-3'], ['optim.lrr']),

@@ -8,6 +8,7 @@ source) names its workdir, or trains it first through this registry (`finished_r
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from typing import Any
 
@@ -34,22 +35,44 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
 # What a finished run of each kind of task leaves in its workdir.
 FINISHED = {'classification': 'report.json', 'lm': 'summary.json'}
+# The kind of model each stage trains (a distill run's: its own `task`).
+_KIND = {'pretrain': 'lm', 'finetune_lm': 'lm', 'finetune': 'classification'}
 
 
 def finished_run(given: str, field: str, default_dir: str, config: ml_collections.ConfigDict,
                  task: str) -> str:
   """The workdir of a finished run that a stage builds on (a distillation's teacher, a
-  quantization's source): `given`, the value of config field `field`, checked to hold one;
-  or, `given` empty, `default_dir`, after running `config` there if it has not finished
-  (resumed like any run)."""
-  marker = FINISHED[task]
+  quantization's source): `given`, the value of config field `field`, checked to hold one of
+  the kind `task` needs; or, `given` empty, `default_dir`, after running `config` there if it
+  has not finished (resumed like any run)."""
   if given:
-    if not os.path.exists(os.path.join(given, marker)):
-      raise ValueError(f'{field}={given!r} holds no finished run (no {marker}); leave it '
-                       f'empty to train one in {default_dir}')
+    _check_finished(given, field, default_dir, task)
     return given
-  if not os.path.exists(os.path.join(default_dir, marker)):
+  if not os.path.exists(os.path.join(default_dir, FINISHED[task])):
     report.say(f'No finished run in {default_dir} yet: training it (stage {config.stage}).')
     run(config, default_dir)
   return default_dir
 
+
+def _check_finished(workdir: str, field: str, default_dir: str, task: str) -> None:
+  path = os.path.join(workdir, 'config.json')
+  stage = None
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      try:
+        own = json.load(f)
+      except ValueError as e:
+        raise ValueError(f'{field}={workdir!r}: its config.json is not valid JSON ({e})') from None
+    stage = own.get('stage')
+    kind = own.get('task') if stage == 'distill' else _KIND.get(stage)
+    if stage in STAGES and kind != task:
+      noun = {'lm': 'language model', 'classification': 'classifier'}.get(kind)
+      what = f'a {stage} run' + (f' of a {noun}' if noun else ', not a trained model')
+      raise ValueError(f'{field}={workdir!r} is {what}; task={task} needs a finished '
+                       f'{"fine-tune" if task == "classification" else "pretrain"} (or a '
+                       f'distill run of that task)')
+  marker = FINISHED[task]
+  if not os.path.exists(os.path.join(workdir, marker)):
+    state = f'its {stage} run has not ended' if stage else 'not a llmopt_jax workdir'
+    raise ValueError(f'{field}={workdir!r} holds no finished run ({state}: no {marker}); '
+                     f'finish it, or leave {field} empty to train one in {default_dir}')
