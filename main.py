@@ -33,6 +33,8 @@ def main(argv: list[str]) -> None:
   from llmopt_jax import distributed, stages  # after flag parsing: typos fail before JAX starts
   from llmopt_jax.train.loop import NonFiniteError
 
+  cli.quiet_library_tracebacks()
+
   def run() -> None:
     distributed.initialize(
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,

@@ -7,6 +7,7 @@ field the config does not have. A researcher should see one line naming the prob
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -53,6 +54,25 @@ def _missing_field_message(error: BaseException, argv: list[str]) -> str:
   overrides = [a.partition('=')[0] for a in argv[1:] if a.startswith('--config.')]
   named = [o for o in overrides if key in o.split('.')] or [key]
   return f'{", ".join(named)}: no such field in the config. {hint}'
+
+
+class _OneLineLibraryErrors(logging.Filter):
+  """Error records of Orbax's background threads (a failed save) as one line each, without
+  the traceback: the error itself reaches main.py as an exception and becomes its last line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if f'{os.sep}orbax{os.sep}' in record.pathname and record.exc_info:
+      record.msg, record.args = one_line(record.getMessage()), ()
+      record.exc_info = record.exc_text = None
+    return True
+
+
+def quiet_library_tracebacks() -> None:
+  """Installs `_OneLineLibraryErrors` (LLMOPT_TRACEBACK=1 keeps the tracebacks)."""
+  if not os.environ.get('LLMOPT_TRACEBACK'):
+    for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
+      handler.addFilter(_OneLineLibraryErrors())
+    logging.getLogger('absl').addFilter(_OneLineLibraryErrors())
 
 
 def run_reporting_errors(fn: Callable[[], object], expected: tuple[type, ...]) -> None:

@@ -14,10 +14,13 @@ moved aside, and the run resumes from the newest step that verifies.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import math
 import os
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -96,6 +99,11 @@ class Checkpoints:
     """Saves `state` and the JSON `progress` as `step`, with a checksum of every array of
     `state` in the progress record (verified when the step is restored)."""
     progress = {**progress, CHECKSUMS: checksum.checksums(state)}
+    self._check_space(step, state)
+    with self._disk_errors(step):
+      self._save(step, state, progress, metrics)
+
+  def _save(self, step: int, state: Any, progress: dict, metrics) -> None:
     self._manager.save(
         step,
         args=ocp.args.Composite(
@@ -153,8 +161,45 @@ class Checkpoints:
     return restored['progress']
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._disk_errors(None):
+      self._manager.wait_until_finished()
+
+  def _check_space(self, step: int, state: Any) -> None:
+    """Refuses to start a save the disk cannot hold (the arrays' bytes, plus a margin for
+    metadata): failing here is clean, while a save that fills the disk fails in Orbax's and
+    TensorStore's background threads."""
+    needed = int(1.05 * sum(x.nbytes for x in jax.tree.leaves(state))) + 2**20
+    free = shutil.disk_usage(self.directory).free
+    if free < needed:
+      raise OSError(errno.ENOSPC, f'{self.directory}: no space left on device for step {step} '
+                    f'({needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free); the last '
+                    f'complete checkpoint is step {self.latest_step()}; free space and rerun '
+                    f'the same command to resume')
+
+  @contextlib.contextmanager
+  def _disk_errors(self, step: int | None) -> Iterator[None]:
+    """A full disk (raised by Orbax or TensorStore in any wrapping) as one line naming the
+    directory and the last complete checkpoint; Orbax removes the partial step's temporary
+    directory when the run is restarted."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001  (re-raised unless it is a full disk)
+      if not _is_disk_full(e):
+        raise
+      what = 'a checkpoint' if step is None else f'step {step}'
+      raise OSError(errno.ENOSPC, f'{self.directory}: no space left on device while saving '
+                    f'{what}; the last complete checkpoint is step {self.latest_step()}; free '
+                    f'space and rerun the same command to resume') from None
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+  while error is not None:
+    if getattr(error, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) or (
+        'No space left on device' in str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False

@@ -65,6 +65,14 @@ class Logger:
     self._jsonl.close()
     self._tb.close()
 
+  def abandon(self) -> None:
+    """Closes what can be closed when the run fails: the error that stopped it (a full disk,
+    say) is the one to report, not a second one from flushing the logs."""
+    try:
+      self.close()
+    except OSError:
+      pass
+
 
 def _drop_records_after(path: str, step: int) -> None:
   """On resume, forgets records past the restored step: they are about to be redone."""

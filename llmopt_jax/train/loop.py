@@ -51,19 +51,23 @@ def train(config: TrainConfig, workdir: str, task: Task) -> dict[str, Any]:
 
   # ---- Steps and loop -----------------------------------------------------------------------
   steps, window = _Steps.of(config, setup, task), window_lib.Window(checkpoints, start)
-  with interrupt.CtrlC() as ctrl_c:
-    window.ctrl_c = ctrl_c
-    try:
+  try:
+    with interrupt.CtrlC() as ctrl_c:
+      window.ctrl_c = ctrl_c
       step, stopper, eval_metrics, last_loss = _loop(
           config, setup, task, steps, state, stopper, window, log)
-    except interrupt.Stop:
-      checkpoints.wait()  # a save in flight completes
-      raise interrupt.Interrupted(
-          f'interrupted at step {window.last_step}; the last checkpoint is step '
-          f'{checkpoints.latest_step()} in {checkpoints.directory}; rerun the same command to '
-          f'resume') from None
-    finally:
-      checkpoints.wait()
+    checkpoints.wait()
+  except interrupt.Stop:
+    _wait_quietly(checkpoints)  # a save in flight completes
+    log.abandon()
+    raise interrupt.Interrupted(
+        f'interrupted at step {window.last_step}; the last checkpoint is step '
+        f'{checkpoints.latest_step()} in {checkpoints.directory}; rerun the same command to '
+        f'resume') from None
+  except BaseException:
+    _wait_quietly(checkpoints)
+    log.abandon()
+    raise
   if jax.process_count() > 1:  # lets a launcher check that the processes agree
     print(f'process {jax.process_index()}/{jax.process_count()}: step {step}, '
           f'train loss {last_loss:.8f}', flush=True)
@@ -166,6 +170,15 @@ def _loop(config: TrainConfig, setup: setup_lib.Setup, task: Task, steps: _Steps
                f'{stopper.best_step}.')
       break
   return step, stopper, eval_metrics, last_loss
+
+
+def _wait_quietly(checkpoints: Checkpoints) -> None:
+  """Lets saves in flight complete when the run is failing: their own error, if any, is not
+  the one to report."""
+  try:
+    checkpoints.wait()
+  except Exception:  # noqa: BLE001
+    pass
 
 
 def _save(checkpoints: Checkpoints, step: int, state, task: Task, stopper: EarlyStopping,
