@@ -67,12 +67,11 @@ def pretrain_workdir(tfds_dir, tmp_path_factory) -> str:
 
 
 def load_finished(workdir):
-  """(graphdef, params) of a finished run's best checkpoint on its own mesh, loaded as a
-  later stage loads it (`tasks.finished.load`)."""
-  from llmopt_jax import sharding
+  """(graphdef, params) of a finished run's best checkpoint on the 8-device data-parallel
+  mesh, loaded as a later stage loads it (`tasks.finished.load`)."""
+  from llmopt_jax import configlib, sharding
   from llmopt_jax.tasks import finished
-  from llmopt_jax.train import trained
-  mesh, rules = sharding.from_config(trained.read_config(str(workdir)).mesh)
+  mesh, rules = sharding.from_config(configlib.mesh('data'))
   model = finished.load(str(workdir), mesh, rules)
   return model.graphdef, model.params
 

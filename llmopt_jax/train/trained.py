@@ -24,7 +24,9 @@ from jax.sharding import Mesh
 
 from llmopt_jax import metrics as metrics_lib
 from llmopt_jax import sharding
+from llmopt_jax.train import checksum
 from llmopt_jax.train import step as step_lib
+from llmopt_jax.train.checkpoint import CHECKSUMS
 from llmopt_jax.train.config import TrainConfig
 from llmopt_jax.train.task import Task
 
@@ -117,7 +119,8 @@ def restore_params(workdir: str, step: int, abstract_params: Any) -> Any:
 
   `abstract_params` gives the tree's structure, shapes, dtypes and shardings
   (`jax.ShapeDtypeStruct` leaves with `sharding`); nothing else of the checkpoint (the
-  optimizer's moments, the step) is read, and no optimizer is built.
+  optimizer's moments, the step) is read, and no optimizer is built. The parameters are
+  verified against the checksums saved with them (`checksum.CorruptCheckpoint` if not).
   """
   path = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step), 'state')
   if not os.path.isdir(path):
@@ -129,4 +132,18 @@ def restore_params(workdir: str, step: int, abstract_params: Any) -> Any:
   with ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
+  checksum.verify(restored, _saved_checksums(os.path.dirname(path)),
+                  f'{os.path.dirname(path)} (the parameters)')
   return restored['params']
+
+
+def _saved_checksums(step_dir: str) -> dict[str, str]:
+  """The checksums saved with a step (none for a checkpoint written before they were)."""
+  path = os.path.join(step_dir, 'progress', 'metadata')
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    try:
+      return json.load(f).get(CHECKSUMS, {})
+    except ValueError as e:
+      raise ValueError(f'{path}: not valid JSON ({e}); the checkpoint is damaged') from None
