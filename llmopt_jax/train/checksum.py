@@ -1,24 +1,30 @@
 """Checksums of a checkpoint's arrays, so a damaged file is caught when it is read back.
 
-Each array gets two 32-bit sums of its elements' bit patterns, each element weighted by an odd
-multiplier of its position: integer sums wrap exactly, so the result does not depend on the
-order XLA adds in, hence not on the mesh or the sharding the array is saved from or restored
-onto. Flipping any bit of one element changes both sums (an odd weight times a power of two
-is never 0 modulo 2^32); moving values between positions changes them too. The sums are
-computed where the arrays live, by one jitted reduction, and only the scalars reach the host.
+An array's bytes (its global value, in row-major order) are read as 32-bit words arranged in
+rows of its last dimension; its checksum is two sums modulo 2^32: the row sums weighted by an
+odd multiplier of the row index, and the column sums weighted likewise by the column index.
+Integer sums wrap exactly, so the value depends only on the array, not on the mesh or the
+sharding it is saved from or restored onto. Flipping any one bit changes both sums (an odd
+weight times a power of two is never 0 modulo 2^32); exchanging two different values changes
+at least one of them. Truncated or deleted files are caught before this, by the reader.
+
+The sums run in NumPy, one thread per core, at memory speed (`experiments/bench_checkpoint.py`
+measures their share of a save). They need every array in one process: a multi-process run
+saves no checksums (its restore then checks nothing).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from llmopt_jax import optim
 
-_MULTIPLIERS = (0x9E3779B1, 0x85EBCA6B)  # odd: golden-ratio and murmur3 constants
+_ROW, _COLUMN = np.uint32(0x9E3779B1), np.uint32(0x85EBCA6B)  # odd: golden ratio, murmur3
 
 
 class CorruptCheckpoint(ValueError):
@@ -27,9 +33,11 @@ class CorruptCheckpoint(ValueError):
 
 def checksums(tree: Any) -> dict[str, str]:
   """'path/to/array' -> 16 hex digits, for every array leaf of `tree`."""
-  paths, leaves = _paths_and_leaves(tree)
-  sums = jax.device_get(_sums(leaves))
-  return {path: f'{int(a):08x}{int(b):08x}' for path, (a, b) in zip(paths, sums)}
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  # NumPy's reductions release the GIL: one thread per core sums arrays side by side.
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    sums = pool.map(lambda leaf: _checksum(np.asarray(leaf)), [leaf for _, leaf in flat])
+    return {optim.param_path(path): value for (path, _), value in zip(flat, sums)}
 
 
 def verify(tree: Any, expected: dict[str, str], what: str) -> None:
@@ -42,29 +50,26 @@ def verify(tree: Any, expected: dict[str, str], what: str) -> None:
                             f'with them (first: {bad[0]})')
 
 
-def _paths_and_leaves(tree: Any) -> tuple[list[str], list[jax.Array]]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return [optim.param_path(path) for path, _ in flat], [leaf for _, leaf in flat]
+def _checksum(x: np.ndarray) -> str:
+  words = _words(x)
+  with np.errstate(over='ignore'):
+    rows = np.sum(words, axis=1, dtype=np.uint32)
+    columns = np.sum(words, axis=0, dtype=np.uint32)
+    by_row = np.sum(rows * _weights(len(rows), _ROW), dtype=np.uint32)
+    by_column = np.sum(columns * _weights(len(columns), _COLUMN), dtype=np.uint32)
+  return f'{int(by_row):08x}{int(by_column):08x}'
 
 
-@jax.jit
-def _sums(leaves: list[jax.Array]) -> list[jax.Array]:
-  return [_leaf_sums(x) for x in leaves]
+def _words(x: np.ndarray) -> np.ndarray:
+  """The array's bytes as uint32 words, [rows, words per row] (zero-padded rows)."""
+  x = np.ascontiguousarray(x).reshape(-1, x.shape[-1] if x.ndim else 1)
+  raw = x.view(np.uint8).reshape(x.shape[0], -1)
+  pad = -raw.shape[1] % 4
+  if pad:
+    raw = np.pad(raw, ((0, 0), (0, pad)))
+  return raw.view('<u4')
 
 
-def _leaf_sums(x: jax.Array) -> jax.Array:
-  bits = _as_uint32(jnp.asarray(x))
-  position = jnp.zeros(bits.shape, jnp.uint32)
-  for dim, size in enumerate(bits.shape):  # the row-major index, without a reshape
-    position = position * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim)
-  return jnp.stack([jnp.sum(bits * (position * jnp.uint32(m) | jnp.uint32(1)), dtype=jnp.uint32)
-                    for m in _MULTIPLIERS])
-
-
-def _as_uint32(x: jax.Array) -> jax.Array:
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(np.dtype(x.dtype).itemsize)
-  if unsigned is None:
-    raise TypeError(f'no checksum for {x.dtype} arrays')
-  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+def _weights(n: int, multiplier: np.uint32) -> np.ndarray:
+  with np.errstate(over='ignore'):
+    return np.arange(n, dtype=np.uint32) * multiplier | np.uint32(1)
