@@ -37,7 +37,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f'{workdir}: no config.json; not a llmopt_jax workdir')
   with open(path, encoding='utf-8') as f:
-    return ml_collections.ConfigDict(json.load(f))
+    try:
+      return ml_collections.ConfigDict(json.load(f))
+    except (ValueError, UnicodeDecodeError) as e:
+      raise ValueError(f'{path}: not valid JSON ({e})') from None
 
 
 def read_summary(workdir: str) -> dict[str, Any] | None:
