@@ -1,4 +1,7 @@
-"""Tests of llmopt_jax.data: tokenizers, the shipped TFDS builder, sources and LM batches."""
+"""Tests of llmopt_jax.data: tokenizers, the shipped TFDS builder, sources and LM batches.
+
+Every comparison here is of token ids, targets, masks or weights that the pipeline copies
+rather than computes: exact equality."""
 
 import json
 import re

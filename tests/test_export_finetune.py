@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import tolerances
 from conftest import load_config, load_finished
 from llmopt_jax.data import classification
 from llmopt_jax.stages import finetune
@@ -23,19 +24,23 @@ transformers = pytest.importorskip('transformers')
 
 QUERIES = ['How do I reset my card PIN?', 'hi',
            'My transfer from abroad has still not arrived after five days']
-TOL = 1e-4  # relative: max |ours - theirs| / max |theirs|
 
 
-def _our_logits(config, workdir: str, batch: dict[str, np.ndarray]) -> np.ndarray:
-  """Our classifier's logits from the best checkpoint, rebuilt as a later stage would."""
+def _our_logits(config, workdir: str, batch: dict[str, np.ndarray]):
+  """Our classifier's logits from the best checkpoint, rebuilt as a later stage would, and
+  its model config."""
   graphdef, params = load_finished(workdir)
   model = nnx.merge(graphdef, params)
   types = batch['token_types'] if model.config.type_vocab_size else None
   return np.asarray(model(jnp.asarray(batch['tokens']), padding_mask=jnp.asarray(
-      batch['padding_mask']), token_types=None if types is None else jnp.asarray(types)))
+      batch['padding_mask']), token_types=None if types is None else jnp.asarray(types))
+                    ), model.config
 
 
 def _rel_err(ours: np.ndarray, theirs: np.ndarray) -> float:
+  """max |ours - theirs| / max |theirs|: two float32 implementations of one forward pass
+  differ by eps32 times the terms summed along its path, relative to the largest output
+  (tests/tolerances.py)."""
   return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
@@ -69,4 +74,6 @@ def test_decoder_from_pretrain_workdir_fine_tunes_and_exports_as_hf_classifier(
     theirs = model(input_ids=torch.tensor(tokens, dtype=torch.long),
                    attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
   batch = dict(tokens=tokens, padding_mask=mask, token_types=types)
-  assert _rel_err(_our_logits(config, workdir, batch), theirs) < TOL
+  ours, model_config = _our_logits(config, workdir, batch)
+  terms = tolerances.forward_terms(model_config, tokens.shape[1])
+  assert _rel_err(ours, theirs) < tolerances.sum_tolerance(terms, 1.0)

@@ -320,6 +320,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(cli_env, tmp_path):
   assert summary['checkpoint_steps'] == read_json(straight / 'summary.json')['checkpoint_steps']
   assert orbax_tmp_dirs(killed / 'checkpoints') == []
 
+  # The same compiled steps on the same batches and keys, resumed from bitwise checkpoints:
+  # bit for bit, eval records (the same floats, written alike) included.
   want, got = restored_state(straight, 40), restored_state(killed, 40)
   assert jax.tree.structure(want) == jax.tree.structure(got)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):

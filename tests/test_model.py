@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import tolerances
 from llmopt_jax import optim, sharding
 from llmopt_jax.models import heads
 from llmopt_jax.models import layers
@@ -31,6 +32,11 @@ def _tokens(seed: int = 0, vocab: int = TINY.vocab_size) -> jax.Array:
   return jax.random.randint(jax.random.key(seed), (B, T), 0, vocab)
 
 
+def _forward_tolerance(cfg: TransformerConfig, logits) -> float:
+  """Two programs computing the same forward pass on [B, T] tokens (tests/tolerances.py)."""
+  return tolerances.sum_tolerance(tolerances.forward_terms(cfg, T), float(np.max(np.abs(logits))))
+
+
 def _params(model: nnx.Module) -> list[nnx.Variable]:
   state = nnx.state(model, nnx.Param)
   return jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -48,7 +54,8 @@ def test_logits_shape_dtype_and_jit(tiny_model):
   assert logits.dtype == jnp.float32
   graphdef, state = nnx.split(tiny_model, nnx.Param)
   jitted = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))(state, tokens)
-  np.testing.assert_allclose(jitted, logits, atol=1e-5, rtol=1e-5)
+  # Eager ops against one fused program: the same sums, maybe in another order.
+  np.testing.assert_allclose(jitted, logits, rtol=0, atol=_forward_tolerance(TINY, logits))
 
 
 def test_bfloat16_compute_still_returns_float32_logits():
@@ -64,6 +71,8 @@ def test_causal_future_tokens_do_not_leak(tiny_model):
   t = 5
   changed = tokens.at[:, t].set((tokens[:, t] + 1) % TINY.vocab_size)
   before, after = tiny_model(tokens), tiny_model(changed)
+  # Masked keys get softmax weight exactly 0 (exp(-inf)), and the same program adds the same
+  # values for the earlier positions: bit for bit.
   np.testing.assert_array_equal(before[:, :t], after[:, :t])
   assert bool(jnp.all(jnp.any(before[:, t:] != after[:, t:], axis=-1)))
 
@@ -74,7 +83,7 @@ def test_segments_do_not_attend_to_each_other(tiny_model):
   changed = tokens.at[:, 2].set((tokens[:, 2] + 1) % TINY.vocab_size)
   before = tiny_model(tokens, segment_ids=segment_ids)
   after = tiny_model(changed, segment_ids=segment_ids)
-  np.testing.assert_array_equal(before[:, 6:], after[:, 6:])  # segment 2 untouched
+  np.testing.assert_array_equal(before[:, 6:], after[:, 6:])  # untouched, as above: bitwise
   assert bool(jnp.any(before[:, 2:6] != after[:, 2:6]))  # later tokens of segment 1 see it
   # Without segment ids the same change does reach the second segment.
   assert bool(jnp.any(tiny_model(tokens)[:, 6:] != tiny_model(changed)[:, 6:]))
@@ -103,7 +112,10 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
   nnx.replace_by_pure_dict(mha_state, params)
   nnx.update(mha, mha_state)
   tokens = _tokens()
-  np.testing.assert_allclose(mha(tokens), gqa(tokens), atol=1e-5, rtol=1e-5)
+  # Grouped and plain attention are different einsums over the same values.
+  reference = gqa(tokens)
+  np.testing.assert_allclose(mha(tokens), reference, rtol=0,
+                             atol=_forward_tolerance(gqa_cfg, reference))
 
 
 def test_rope_scores_depend_only_on_relative_position():
@@ -114,12 +126,23 @@ def test_rope_scores_depend_only_on_relative_position():
     kn = layers.apply_rope(k, jnp.array([[n]]), theta=10000.0)
     return jnp.sum(qm * kn)
 
+  # How far a float32 score is from the exact one: each rotation angle position * f rounds by
+  # half an ulp of itself and sin, cos by about an ulp of 1, turning each feature pair's
+  # product by that angle; then the 32-term sum.
+  pairs = lambda x: np.hypot(*np.split(np.asarray(x, np.float64).reshape(-1), 2))  # [16]
+  inv_freq = 10000.0 ** (-np.arange(16) / 16)
+  def error(m, n):
+    turn = tolerances.EPS32 * ((m + n) * inv_freq + 2)
+    return (np.sum(pairs(q) * pairs(k) * turn)
+            + tolerances.sum_tolerance(32, np.sum(np.abs(np.asarray(q) * np.asarray(k)))))
+
   for m, n, shift in [(3, 1, 7), (10, 4, 100), (0, 0, 55)]:
-    np.testing.assert_allclose(score(m, n), score(m + shift, n + shift), rtol=1e-4, atol=1e-4)
-  assert abs(score(3, 1) - score(3, 2)) > 1e-3  # and it does depend on the offset
-  np.testing.assert_allclose(  # a rotation keeps the norm
+    np.testing.assert_allclose(score(m, n), score(m + shift, n + shift), rtol=0,
+                               atol=error(m, n) + error(m + shift, n + shift))
+  assert abs(score(3, 1) - score(3, 2)) > 1e-3 > error(3, 2)  # it does depend on the offset
+  np.testing.assert_allclose(  # a rotation keeps the norm: two 32-term sums, sin^2 + cos^2
       jnp.linalg.norm(layers.apply_rope(q, jnp.array([[9]]), 10000.0)), jnp.linalg.norm(q),
-      rtol=1e-5)
+      rtol=tolerances.sum_tolerance(32 + 4, 1.0))
 
 
 @pytest.mark.parametrize('config', [
@@ -141,6 +164,7 @@ def test_flops_per_token_decomposes_as_documented():
   attention_per_position = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim
   assert stats.flops_per_token(cfg, 256) - stats.flops_per_token(cfg, 128) == (
       128 * attention_per_position)
+  # Counts in Python numbers; approx only absorbs a float product's last bits.
   assert stats.forward_flops_per_token(cfg, 64) * 3 == pytest.approx(
       stats.flops_per_token(cfg, 64))
 
@@ -151,7 +175,7 @@ def test_dropout_only_with_rngs_and_positive_rate(rates):
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   tokens = _tokens()
   deterministic = model(tokens)
-  np.testing.assert_array_equal(deterministic, model(tokens))
+  np.testing.assert_array_equal(deterministic, model(tokens))  # same ops, same values
   stochastic = model(tokens, rngs=nnx.Rngs(dropout=1))
   assert bool(jnp.any(stochastic != deterministic)) == (max(rates) > 0)
   # No RNG state is stored in the module: the Param state is the whole state.
@@ -167,7 +191,7 @@ def test_dropout_inside_jit_draws_from_the_given_key():
     return nnx.merge(graphdef, state)(tokens, rngs=nnx.Rngs(dropout=key))
 
   tokens = _tokens()
-  first = forward(state, tokens, jax.random.key(1))
+  first = forward(state, tokens, jax.random.key(1))  # one program, same inputs: bitwise
   np.testing.assert_array_equal(first, forward(state, tokens, jax.random.key(1)))
   assert bool(jnp.any(first != forward(state, tokens, jax.random.key(2))))
 
@@ -198,7 +222,10 @@ def test_born_sharded_forward_matches_single_device():
   tokens = jax.random.randint(jax.random.key(0), (4, T), 0, TINY.vocab_size)
   with sharding.use(mesh, rules):
     sharded = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
-  np.testing.assert_allclose(sharded, create()(tokens), atol=1e-5, rtol=1e-5)
+  # Contractions split over fsdp and tensor are added up in another order.
+  reference = create()(tokens)
+  np.testing.assert_allclose(sharded, reference, rtol=0,
+                             atol=_forward_tolerance(TINY, reference))
 
 
 @pytest.mark.parametrize('changes, field', [
@@ -258,7 +285,9 @@ def test_padding_tokens_do_not_reach_real_positions(family):
   changed = jnp.where(mask > 0, tokens, (tokens + 7) % TINY.vocab_size)
   before = model.encode(tokens, padding_mask=mask)
   after = model.encode(changed, padding_mask=mask)
-  np.testing.assert_allclose(before[mask > 0], after[mask > 0], atol=1e-6)
+  # Padding keys get softmax weight exactly 0, and the same program adds the same values for
+  # real positions: bit for bit.
+  np.testing.assert_array_equal(before[mask > 0], after[mask > 0])
   # Without the mask real positions do read the padding (the second row pads in between).
   assert bool(jnp.any(model.encode(tokens)[mask > 0] != model.encode(changed)[mask > 0]))
 
@@ -276,7 +305,7 @@ def test_sliding_window_limits_the_keys_a_query_sees():
   model = Transformer(TINY.replace(num_layers=1, sliding_window=3), rngs=nnx.Rngs(0))
   tokens = _tokens()
   changed = tokens.at[:, 4].set((tokens[:, 4] + 1) % TINY.vocab_size)
-  differs = jnp.any(model(tokens) != model(changed), axis=(0, 2))
+  differs = jnp.any(model(tokens) != model(changed), axis=(0, 2))  # bitwise, as above
   np.testing.assert_array_equal(differs, (jnp.arange(T) >= 4) & (jnp.arange(T) < 4 + 3))
 
 
@@ -285,7 +314,7 @@ def test_bert_token_types_and_the_position_table_limit():
   tokens = _tokens()
   types = jnp.zeros_like(tokens).at[:, 6:].set(1)
   assert bool(jnp.any(model.encode(tokens) != model.encode(tokens, token_types=types)))
-  np.testing.assert_array_equal(
+  np.testing.assert_array_equal(  # the default is type 0: the same values added
       model.encode(tokens), model.encode(tokens, token_types=jnp.zeros_like(tokens)))
   with pytest.raises(ValueError, match='max_positions'):
     model.encode(jnp.zeros((1, 33), jnp.int32))
@@ -296,6 +325,7 @@ def test_bert_token_types_and_the_position_table_limit():
 
 
 def test_pooling_by_hand():
+  # Small integers: sums and the mean (3 / 3, 4 / 1) are exact in float32.
   hidden = jnp.arange(2 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 1)  # [[0,1,2,3],[4,5,6,7]]
   mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0]])
   np.testing.assert_array_equal(heads.pool(hidden, mask, 'cls')[:, 0], [0, 4])

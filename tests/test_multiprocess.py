@@ -11,10 +11,10 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 
-from conftest import REPO, restore_state
+import tolerances
+from conftest import REPO, load_config, restore_state
 from llmopt_jax.train.checkpoint import Checkpoints
 
 TIMEOUT_S = 240
@@ -31,8 +31,11 @@ def _free_port() -> int:
 
 
 def _env(tfds_dir: str, devices: int) -> dict:
-  env = dict(os.environ, TFDS_DATA_DIR=tfds_dir, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  # The caller's XLA flags (an instruction-set cap, say) with this run's device count.
+  flags = [flag for flag in os.environ.get('XLA_FLAGS', '').split()
+           if not flag.startswith('--xla_force_host_platform_device_count')]
+  env = dict(os.environ, TFDS_DATA_DIR=tfds_dir, JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(
+      [*flags, f'--xla_force_host_platform_device_count={devices}']))
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
   return env
 
@@ -78,7 +81,8 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path, tfds_dir):
 
   two = tmp_path / 'two'
   first = _run_two_processes(two, 4, tfds_dir)
-  assert _final_loss(first[0], 0) == _final_loss(first[1], 1)  # the processes agree
+  # One replicated value that both processes print: the same text.
+  assert _final_loss(first[0], 0) == _final_loss(first[1], 1)
 
   # Disjoint data: each process saved the position of its own shard, shard 0 and shard 1.
   shards = [p['shards'] for p in _progress(two, 4)['data']]
@@ -96,6 +100,10 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path, tfds_dir):
 
   a, b = restore_state(two, 6), restore_state(one, 6)
   # Gloo and the in-process CPU collectives may sum the 8 partial gradients in different
-  # orders, so equality is to float32 rounding, not bitwise.
-  for x, y in zip(jax.tree.leaves(a['params']), jax.tree.leaves(b['params'])):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  # orders, so equality is to float32 rounding, not bitwise: a gradient sums over the batch's
+  # tokens what the forward and backward paths computed, and Adam (constant lr) takes 6 steps.
+  config = load_config('pretrain', 'tiny')
+  terms = (config.train.batch_size * config.data.seq_len
+           + 2 * tolerances.forward_terms(config.model, config.data.seq_len))
+  tolerances.assert_adam_params_close(
+      jax.tree.leaves(a['params']), jax.tree.leaves(b['params']), 6 * config.optim.lr, terms)

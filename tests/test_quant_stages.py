@@ -46,6 +46,8 @@ def test_ptq_report_has_a_row_per_variant_sized_from_its_files(ptq_run):
     assert 0 <= row['accuracy'] <= 1 and row['latency_ms_b1'] > 0, name
     assert row['params'] == rows['float32']['params']
   ratio = lambda name: rows['float32']['bytes'] / rows[name]['bytes']
+  # File sizes, no arithmetic: exactly half the payload, plus each file's header (a JSON entry
+  # per tensor: kilobytes against megabytes of payload).
   assert ratio('bfloat16') == pytest.approx(2.0, rel=1e-3)
   # The tiny BERT is 32 wide: a float32 scale per 32 weights of a row costs 1 bit per weight
   # (8 -> 9, 4 -> 5 bits), and the head and position tables stay float; 4x and 8x are met by

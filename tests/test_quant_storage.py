@@ -1,5 +1,8 @@
 """Quantized weights on disk: int4 packing, save/load round trips, sizes read from the files,
-atomic replacement, and clear errors for missing or unknown files."""
+atomic replacement, and clear errors for missing or unknown files.
+
+Packing and the files move bits without arithmetic, so every comparison here is exact; the
+dequantized values are the same float32 products of the same integers and scales."""
 
 import json
 import os
