@@ -124,6 +124,10 @@ def _check_compatible(workdir: str, new: dict) -> list[str]:
   except (ValueError, UnicodeDecodeError) as e:
     raise ValueError(f'{path}: not valid JSON ({e}); it is the record of the run in this '
                      f'workdir: restore it, or give this run another --workdir') from None
+  if not isinstance(old, dict):
+    raise ValueError(f'{path}: not a config (a JSON {type(old).__name__}, not an object); it '
+                     f'is the record of the run in this workdir: restore it, or give this run '
+                     f'another --workdir')
   changed = sorted(_differences(old, new))
   if not _has_trained(workdir):
     return changed  # nothing trained yet: nothing a new config could corrupt

@@ -27,9 +27,9 @@ from llmopt_jax.train.config import TrainConfig
 
 
 def run(config, workdir: str) -> dict[str, Any]:
+  train = TrainConfig.from_config(config)  # every bad field fails before anything is written
   workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
-  train = TrainConfig.from_config(config)
   student_task.check_fields(config)  # before the teacher, which may take a while to train
   teacher_dir = stages.finished_run(config.teacher.workdir, 'config.teacher.workdir',
                                     os.path.join(workdir, 'teacher'), config.teacher.config,

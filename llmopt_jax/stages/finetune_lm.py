@@ -23,9 +23,9 @@ from llmopt_jax.train.config import TrainConfig
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  workdir_lib.prepare(workdir, config)
-  train = TrainConfig.from_config(config)  # a bad field fails before data work
+  train = TrainConfig.from_config(config)  # every bad field fails before anything is written
   lora_cfg = lora.from_config(config.peft)
+  workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
   built = lm.fine_tuning(config, starting_point.resolve(config, causal=True), lora_cfg)
   report.say(peft.describe(built.start.path, built.start.source,

@@ -19,8 +19,8 @@ from llmopt_jax.train.config import TrainConfig
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  train = TrainConfig.from_config(config)  # every bad field fails before anything is written
   workdir_lib.prepare(workdir, config)
-  train = TrainConfig.from_config(config)  # a bad field fails before data work
   built = lm.pretraining(config, workdir)
   model, tokens = built.card.model, train.batch_size * config.data.seq_len
   report.say(f'Model: {stats.count_params(model) / 1e6:.2f}M parameters, vocab '

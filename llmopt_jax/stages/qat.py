@@ -27,11 +27,11 @@ from llmopt_jax.train.config import TrainConfig
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  train = TrainConfig.from_config(config)  # every bad field fails before anything is written
+  recipes = recipes_lib.recipes(config, 'variants')
+  qat_task.check_distill(config)
   workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
-  recipes = recipes_lib.recipes(config, 'variants')  # bad fields fail before any training
-  qat_task.check_distill(config)
-  train = TrainConfig.from_config(config)
   source_dir = stages.finished_run(config.source.workdir, 'config.source.workdir',
                                    os.path.join(workdir, 'source'), config.source.config,
                                    config.task)

@@ -231,4 +231,8 @@ def _read_json(path: str) -> dict:
   if not os.path.exists(path):
     return {}
   with open(path, encoding='utf-8') as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except ValueError as e:
+      raise ValueError(f'{path}: not valid JSON ({e}); delete it and rerun the same command '
+                       f'to rebuild it') from None
