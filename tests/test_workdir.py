@@ -173,14 +173,6 @@ def test_more_steps_for_a_finished_run_resume_it_and_are_recorded(
   assert chaos.read_json(os.path.join(workdir, 'summary.json'))['final_step'] == 44
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'library bug: Orbax writes a checkpoint\'s metrics to disk only when '
-    'CheckpointManagerOptions.best_fn is set; Checkpoints keeps the best step with its own '
-    'preservation policy (BestByMetric) and no best_fn, so every _CHECKPOINT_METADATA says '
-    '"metrics": {}. A resumed run knows no metrics of the earlier steps, LatestN deletes the '
-    'best one at its next save, summary.json still names it, and trained.best_step silently '
-    'falls back to the final step (QAT quantizes, and fine-tune tests and exports, another '
-    'checkpoint than the best)'))
 def test_a_resumed_run_keeps_its_best_checkpoint(cli_env, tmp_path):  # noqa: F811
   """Evaluations ranked by the highest loss make the first one (step 4) the best, older than
   the two latest steps; continuing the run (more steps) must keep that checkpoint, which its

@@ -80,6 +80,10 @@ class Checkpoints:
       keep.append(BestByMetric(best_metric, best_mode, keep_best))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(keep),
+        # Orbax writes a step's metrics to disk (and reads them back when a run resumes, so
+        # keep-best still knows the best step) only when a `best_fn` is given; the ranking
+        # itself is `BestByMetric`'s.
+        best_fn=lambda metrics: _metric(metrics, best_metric), best_mode=best_mode,
         enable_async_checkpointing=async_save,
         create=True,
     )
