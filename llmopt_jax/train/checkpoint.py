@@ -30,8 +30,9 @@ from orbax.checkpoint import checkpoint_managers as policies
 from llmopt_jax import distributed
 from llmopt_jax.train import checksum
 
-# The progress record's entry holding the state's checksums.
-CHECKSUMS = 'checksums'
+# The progress record's entry holding the state's checksums, named with the algorithm's
+# version: a later algorithm reads its own entry and leaves older checkpoints unverified.
+CHECKSUMS = 'checksums_v1'
 
 
 @dataclasses.dataclass(frozen=True)
