@@ -8,13 +8,13 @@ source) names its workdir, or trains it first through this registry (`finished_r
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from typing import Any
 
 import ml_collections
 
 from llmopt_jax import report
+from llmopt_jax.train import trained
 
 STAGES = {
     'pretrain': 'llmopt_jax.stages.pretrain',
@@ -55,14 +55,12 @@ def finished_run(given: str, field: str, default_dir: str, config: ml_collection
 
 
 def _check_finished(workdir: str, field: str, default_dir: str, task: str) -> None:
-  path = os.path.join(workdir, 'config.json')
   stage = None
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      try:
-        own = json.load(f)
-      except ValueError as e:
-        raise ValueError(f'{field}={workdir!r}: its config.json is not valid JSON ({e})') from None
+  if os.path.exists(os.path.join(workdir, 'config.json')):
+    try:
+      own = trained.read_config(workdir)
+    except ValueError as e:
+      raise ValueError(f'{field}={workdir!r}: {e}') from None
     stage = own.get('stage')
     kind = own.get('task') if stage == 'distill' else _KIND.get(stage)
     if stage in STAGES and kind != task:

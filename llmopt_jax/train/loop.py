@@ -50,10 +50,10 @@ def train(config: TrainConfig, workdir: str, task: Task) -> dict[str, Any]:
     return _finish(workdir, checkpoints, log, stopper, start, last_eval=None)
 
   # ---- Steps and loop -----------------------------------------------------------------------
-  steps, window = _Steps.of(config, setup, task), window_lib.Window(checkpoints, start)
+  steps = _Steps.of(config, setup, task)
   try:
     with interrupt.CtrlC() as ctrl_c:
-      window.ctrl_c = ctrl_c
+      window = window_lib.Window(checkpoints, start, ctrl_c)
       step, stopper, eval_metrics, last_loss = _loop(
           config, setup, task, steps, state, stopper, window, log)
     checkpoints.wait()

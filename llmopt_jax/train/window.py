@@ -24,10 +24,10 @@ class Window:
   the last good checkpoint is never replaced by a poisoned one.
   """
 
-  def __init__(self, checkpoints: Checkpoints, start: int):
+  def __init__(self, checkpoints: Checkpoints, start: int, ctrl_c: interrupt.CtrlC | None = None):
     self.checkpoints = checkpoints
     self.last_step = start  # the last step dispatched
-    self.ctrl_c: interrupt.CtrlC | None = None
+    self.ctrl_c = ctrl_c  # pressed: leave the loop after the step just added
     self._pending: list[tuple[int, Any]] = []
     self._unchecked = 0
 
