@@ -93,10 +93,4 @@ def test_sigkill_at_random_moments_then_rerun_ends_bitwise_equal(
   print(f'{name}: kill seed {seed}')
   trial = chaos.trial(cli_env, ref, tmp_path / 'killed', seed, max_kills=1)
   print(trial.describe())
-  if trial.problems and all('summary.json differs' in p for p in trial.problems):
-    # The one open bug (a kill between a sub-run's last checkpoint and its summary.json),
-    # pinned deterministically by test_workdir.py's strict xfail
-    # test_a_run_killed_before_its_summary_reruns_to_the_same_summary; states, reports and
-    # files were still checked equal above.
-    pytest.xfail(f'LLMOPT_TEST_KILL_SEED={seed}: known summary.json bug: {trial.describe()}')
   assert not trial.problems, f'LLMOPT_TEST_KILL_SEED={seed}: {trial.describe()}'

@@ -302,16 +302,17 @@ def test_when_every_checkpoint_is_damaged_the_run_fails_in_one_line_and_keeps_th
 
 # ---- A run that ended between its last checkpoint and its summary -----------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    'library bug: a rerun that finds the last checkpoint written but no summary.json (a run '
-    "killed in between) takes loop.train's 'nothing to do' path, whose _finish(last_eval=None) "
-    "rebuilds the summary without 'final_eval' (and with any steps the dead run had not yet "
-    'deleted)'))
 def test_a_run_killed_before_its_summary_reruns_to_the_same_summary(
     references, cli_env, tmp_path):  # noqa: F811
   ref = references('pretrain')
   workdir = finished_copy(ref, tmp_path)
-  os.remove(os.path.join(workdir, 'summary.json'))  # as a SIGKILL after the last save leaves it
+  # As a SIGKILL after the last save leaves it: no summary, and a step the policy (keep the
+  # last two) drops after that save still on disk.
+  os.remove(os.path.join(workdir, 'summary.json'))
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  newest = max(step_dirs(checkpoints))
+  shutil.copytree(os.path.join(checkpoints, str(newest - 1)),
+                  os.path.join(checkpoints, str(newest - 2)))
   result = main_py(cli_env, *ref.stage.args, f'--workdir={workdir}')
   assert result.returncode == 0, explain(result)
   assert_same_as_reference(ref, workdir)

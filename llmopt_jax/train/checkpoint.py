@@ -57,6 +57,14 @@ class BestByMetric:
     return [i in keep for i in range(len(checkpoints))]
 
 
+@dataclasses.dataclass(frozen=True)
+class _StepInfo:
+  """What the preservation policies read of a step (Orbax's `PolicyCheckpointInfo`)."""
+  step: int
+  metrics: dict | None
+  time: Any = None
+
+
 def _metric(metrics: dict, name: str) -> float:
   return float(metrics.get(name, math.nan))
 
@@ -160,6 +168,18 @@ class Checkpoints:
     self._manager.close()
     self._manager = ocp.CheckpointManager(self.directory, options=self._options)
     return target
+
+  def apply_retention(self) -> list[int]:
+    """Deletes the steps the keep-last/keep-best policy no longer keeps; returns them. Orbax
+    applies the policy after each save, so only a run killed between a save and its cleanup
+    leaves such steps; a rerun that has nothing left to train calls this instead."""
+    infos = [_StepInfo(step, self._manager.metrics(step)) for step in sorted(self.all_steps())]
+    keep = self._options.preservation_policy.should_preserve(
+        infos, context=policies.PreservationContext())
+    stale = [info.step for info, kept in zip(infos, keep) if not kept]
+    for step in stale:
+      self._manager.delete(step)
+    return stale
 
   def restore_progress(self, step: int) -> dict:
     restored = self._manager.restore(

@@ -47,7 +47,11 @@ def train(config: TrainConfig, workdir: str, task: Task) -> dict[str, Any]:
     log.info(f'Resumed from {checkpoints.directory}/{start}.')
   if start >= config.num_steps or stopper.should_stop:
     log.info(f'Nothing to do: the run in {workdir} already finished at step {start}.')
-    return _finish(workdir, checkpoints, log, stopper, start, last_eval=None)
+    for stale in checkpoints.apply_retention():
+      log.info(f'Deleted {checkpoints.directory}/{stale}, which the run that saved it was '
+               f'killed before deleting (it is not among the checkpoints to keep).')
+    return _finish(workdir, checkpoints, log, stopper, start,
+                   last_eval=_logged_eval(log.path, start))
 
   # ---- Steps and loop -----------------------------------------------------------------------
   steps = _Steps.of(config, setup, task)
@@ -225,6 +229,24 @@ def _finish(workdir: str, checkpoints: Checkpoints, log: Logger, stopper: EarlyS
            f'checkpoints/, tensorboard/')
   log.close()
   return summary
+
+
+def _logged_eval(metrics_path: str, step: int) -> dict[str, float] | None:
+  """The eval metrics that metrics.jsonl holds for `step`, or None: a finished run's last
+  evaluation, for a rerun that finds the run done but its summary missing (killed between
+  the last checkpoint and summary.json)."""
+  if not os.path.exists(metrics_path):
+    return None
+  found = None
+  with open(metrics_path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if record.get('step') == step and any(k.startswith('eval/') for k in record):
+        found = {k: v for k, v in record.items() if k.startswith('eval/')}
+  return found
 
 
 def _read_json(path: str) -> dict:
