@@ -33,6 +33,8 @@ class Setup:
   def of(cls, train: TrainConfig, task: Task) -> Setup:
     mesh, rules = sharding.from_config(train.mesh)
     tx = optim.make_optimizer(train.optim, train.num_steps, frozen=task.frozen)
+    if task.wrap_optimizer is not None:
+      tx = task.wrap_optimizer(tx)
     graphdef, init = state_lib.init_fn(task.build_model, tx, train.seed, task.extend_params)
     abstract, shardings = state_lib.abstract_and_shardings(init, mesh, rules)
     return cls(mesh, rules, tx, graphdef, init, abstract, shardings)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -46,6 +47,10 @@ class Task:
   extend_params: Callable[[nnx.State], Any] | None = None
   params_transform: step_lib.ParamsTransform | None = None
   frozen: Callable[[str], bool] | None = None
+  # Techniques that change the update rule itself (pruning keeps masked weights at zero and
+  # updates the masks on a schedule): the run's optimizer -> the one the step applies.
+  wrap_optimizer: Callable[[optax.GradientTransformation], optax.GradientTransformation] | None = (
+      None)
   # Arrays the loss reads but never trains, e.g. a distillation teacher's parameters, placed
   # on (mesh, rules); the loss gets them as `context.constants`. Never checkpointed.
   constants: Callable[[Mesh, sharding.Rules], Any] | None = None

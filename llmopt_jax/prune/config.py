@@ -1,0 +1,153 @@
+"""What to prune and how: the `config.prune` section as a validated `PruneConfig`.
+
+Every field is checked here, once, so a bad value is a one-line error naming the field
+(`config.prune.sparsity=1.2; must lie in [0, 1)`) before any model is loaded or trained.
+
+A recipe is a score (which weights matter least), a granularity (among which weights the
+lowest scores are removed) and a schedule (when):
+
+  method       magnitude |w| (Han et al. 2015), random (the baseline every method must
+               beat), taylor (|w * dL/dw| accumulated over calibration batches; Molchanov et
+               al. 2019), wanda (|w| x the L2 norm of its input feature over calibration
+               tokens; Sun et al. 2024), sparsegpt (blocked OBS reconstruction with the
+               calibration inputs' Hessian; Frantar & Alistarh 2023: the kept weights move)
+  granularity  layer (each kernel loses `sparsity` of its weights), global (one threshold
+               over every target kernel: layers lose different shares), output (each output
+               channel of each kernel loses `sparsity`; Wanda's and SparseGPT's comparison
+               group), nm (at most `n` non-zeros in every `m` consecutive inputs, 2:4 being
+               what sparse tensor cores run)
+  schedule     one_shot (prune once, then optionally recover), gradual (Zhu & Gupta 2017:
+               sparsity rises from `initial_sparsity` to `sparsity` as a cubic between
+               `start_step` and `end_step`, the mask recomputed every `every_steps`)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import ml_collections
+
+from llmopt_jax import configlib
+
+METHODS = ('magnitude', 'random', 'taylor', 'wanda', 'sparsegpt')
+GRANULARITIES = ('layer', 'global', 'output', 'nm')
+SCHEDULES = ('one_shot', 'gradual')
+# Methods that read calibration activations (inputs to each kernel) or gradients, and so
+# cannot run inside a training step.
+CALIBRATED = ('taylor', 'wanda', 'sparsegpt')
+# Granularities whose counts SparseGPT's per-row reconstruction can honour.
+SPARSEGPT_GRANULARITIES = ('output', 'nm')
+
+# The matrices of attention and MLP blocks. Embedding tables, the LM head, the classifier
+# and BERT's pooler are kept dense by default, as Wanda, SparseGPT and jaxpruner do: few
+# weights for what every token and every logit depends on.
+DEFAULT_TARGETS = (r'.*attn/(q|k|v|o)', r'.*mlp/(gate|up|down)')
+DEFAULT_EXCLUDE = (r'(classifier|pooler)/.*', r'(.*/)?lm_head', r'(.*/)?embedding')
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+  """One pruning recipe; `config.prune` holds its fields under the same names."""
+
+  method: str = 'magnitude'
+  granularity: str = 'layer'
+  sparsity: float = 0.5              # final share of each target's weights set to zero
+  n: int = 2                         # granularity=nm: keep n ...
+  m: int = 4                         # ... of every m consecutive input weights
+  schedule: str = 'one_shot'
+  initial_sparsity: float = 0.0      # gradual: the sparsity at start_step
+  start_step: int = 0                # gradual: first pruning step
+  end_step: int = 0                  # gradual: the step sparsity reaches `sparsity`
+  every_steps: int = 1               # gradual: masks recomputed every this many steps
+  ste: bool = False                  # straight-through: masked weights keep receiving gradient
+                                     # (and may grow back at the next mask update)
+  sparsegpt_block: int = 128         # sparsegpt: input columns reconstructed together
+  sparsegpt_damp: float = 0.01       # sparsegpt: Hessian dampening, a share of its mean diagonal
+  seed: int = 0                      # random scores
+  targets: tuple[str, ...] = DEFAULT_TARGETS   # regexes, matched in full against param paths
+  exclude: tuple[str, ...] = DEFAULT_EXCLUDE   # regexes that win over targets
+
+  def __post_init__(self):
+    _choice('method', self.method, METHODS)
+    _choice('granularity', self.granularity, GRANULARITIES)
+    _choice('schedule', self.schedule, SCHEDULES)
+    _fraction('sparsity', self.sparsity)
+    _fraction('initial_sparsity', self.initial_sparsity)
+    for field in ('n', 'm', 'every_steps', 'sparsegpt_block'):
+      _int(field, getattr(self, field), low=1)
+    for field in ('start_step', 'end_step', 'seed'):
+      _int(field, getattr(self, field), low=0)
+    if self.n > self.m:
+      raise ValueError(f'config.prune.n={self.n} > config.prune.m={self.m}; an n:m pattern '
+                       f'keeps n of every m weights (2:4), so n <= m')
+    if not 0.0 <= self.sparsegpt_damp < 1.0:
+      raise ValueError(f'config.prune.sparsegpt_damp={self.sparsegpt_damp!r}; must lie in '
+                       f'[0, 1)')
+    if self.method == 'sparsegpt' and self.granularity not in SPARSEGPT_GRANULARITIES:
+      raise ValueError(f'config.prune.granularity={self.granularity!r}: sparsegpt chooses its '
+                       f'mask per output row as it reconstructs; choose from '
+                       f'{SPARSEGPT_GRANULARITIES}')
+    if self.schedule == 'gradual':
+      self._check_gradual()
+    for field in ('targets', 'exclude'):
+      object.__setattr__(self, field, configlib.regexes(getattr(self, field),
+                                                        f'config.prune.{field}'))
+
+  def _check_gradual(self) -> None:
+    if self.method in CALIBRATED and self.method != 'taylor':
+      raise ValueError(f'config.prune.method={self.method!r} prunes once from calibration '
+                       f'data; a gradual schedule needs magnitude, random or taylor')
+    if self.granularity == 'nm':
+      raise ValueError('config.prune.schedule=gradual raises the sparsity step by step; an '
+                       'n:m pattern has one sparsity: use schedule=one_shot')
+    if self.end_step <= self.start_step:
+      raise ValueError(f'config.prune.end_step={self.end_step} must be after start_step='
+                       f'{self.start_step} for a gradual schedule')
+    if self.initial_sparsity > self.sparsity:
+      raise ValueError(f'config.prune.initial_sparsity={self.initial_sparsity} is above '
+                       f'sparsity={self.sparsity}; a gradual schedule only prunes more')
+
+  @property
+  def target_sparsity(self) -> float:
+    """The share of each target's weights that ends at zero."""
+    return 1.0 - self.n / self.m if self.granularity == 'nm' else self.sparsity
+
+  @property
+  def name(self) -> str:
+    """A short label for tables and directories: magnitude-layer-50, wanda-2of4, ..."""
+    if self.granularity == 'nm':
+      return f'{self.method}-{self.n}of{self.m}'
+    return f'{self.method}-{self.granularity}-{round(100 * self.sparsity)}'
+
+
+def _choice(field: str, value, allowed: tuple) -> None:
+  if not isinstance(value, str) or value not in allowed:
+    raise ValueError(f'config.prune.{field}={value!r}; choose from {allowed}')
+
+
+def _fraction(field: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+    raise ValueError(f'config.prune.{field}={value!r}; must lie in [0, 1)')
+
+
+def _int(field: str, value, *, low: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    raise ValueError(f'config.prune.{field}={value!r}; must be an int >= {low}')
+
+
+def from_config(prune: ml_collections.ConfigDict, **overrides) -> PruneConfig:
+  """`config.prune` (any subset of PruneConfig's fields) as a PruneConfig; `overrides` win."""
+  known = {f.name for f in dataclasses.fields(PruneConfig)}
+  fields = prune.to_dict()
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f'config.prune.{unknown[0]} is not a pruning field; known: '
+                     f'{sorted(known)}')
+  fields.update(overrides)
+  return PruneConfig(**fields)
+
+
+def section(**overrides) -> ml_collections.ConfigDict:
+  """The `config.prune` section with PruneConfig's defaults, for the configs to start from."""
+  return ml_collections.ConfigDict({**dataclasses.asdict(PruneConfig()), **overrides})
