@@ -73,3 +73,28 @@ def fine_tune_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
           ('trainable / total parameters',
            f'{record["trainable_params"]:,} / {record["total_params"]:,}'),
           ('wall time', f'{record["wall_time_s"]:.0f} s')]
+
+
+def plot(path: str, series: Mapping[str, Sequence[tuple[float, float]]], *, x_label: str,
+         y_label: str, title: str = '') -> None:
+  """A PNG line plot at `path`: one line per series of (x, y) points, written atomically
+  beside the table it illustrates."""
+  if jax.process_index() != 0:
+    return
+  import matplotlib  # imported here: only stages that plot pay for it
+  matplotlib.use('Agg')
+  from matplotlib import pyplot
+  figure, axes = pyplot.subplots(figsize=(6, 4), dpi=120)
+  for label, points in series.items():
+    xs, ys = zip(*sorted(points), strict=True)
+    axes.plot(xs, ys, marker='o', label=label)
+  axes.set_xlabel(x_label)
+  axes.set_ylabel(y_label)
+  axes.set_title(title)
+  axes.grid(alpha=0.3)
+  axes.legend(fontsize='small')
+  figure.tight_layout()
+  tmp = path + '.tmp.png'
+  figure.savefig(tmp)
+  pyplot.close(figure)
+  os.replace(tmp, path)

@@ -151,3 +151,47 @@ def from_config(prune: ml_collections.ConfigDict, **overrides) -> PruneConfig:
 def section(**overrides) -> ml_collections.ConfigDict:
   """The `config.prune` section with PruneConfig's defaults, for the configs to start from."""
   return ml_collections.ConfigDict({**dataclasses.asdict(PruneConfig()), **overrides})
+
+
+def variants(config: ml_collections.ConfigDict) -> list[PruneConfig]:
+  """The recipes of one run: each entry of `config.variants`, '<method>-<granularity>'
+  (magnitude-global, wanda-output) at every sparsity of `config.sparsities`, or
+  '<method>-<n>:<m>' (sparsegpt-2:4) once; the other fields from `config.prune`."""
+  if isinstance(config.variants, str) or not config.variants:
+    raise ValueError(f'config.variants={config.variants!r}; give a tuple of entries such as '
+                     f"('magnitude-layer', 'wanda-2:4')")
+  sparsities = tuple(config.sparsities)
+  if not sparsities:
+    raise ValueError('config.sparsities is empty; give at least one, e.g. (0.5,)')
+  recipes = []
+  for entry in config.variants:
+    method, granularity = _split_variant(entry)
+    if ':' in granularity:
+      n, m = _n_of_m(entry, granularity)
+      recipes.append(from_config(config.prune, method=method, granularity='nm', n=n, m=m))
+    else:
+      recipes.extend(from_config(config.prune, method=method, granularity=granularity,
+                                 sparsity=_as_fraction(s)) for s in sparsities)
+  return recipes
+
+
+def _split_variant(entry) -> tuple[str, str]:
+  method, _, granularity = str(entry).partition('-')
+  if not granularity:
+    raise ValueError(f'config.variants entry {entry!r}: expected <method>-<granularity> (e.g. '
+                     f"'magnitude-global', 'wanda-2:4'); methods {METHODS}, granularities "
+                     f"{GRANULARITIES[:-1]} or n:m")
+  return method, granularity
+
+
+def _n_of_m(entry: str, granularity: str) -> tuple[int, int]:
+  n, _, m = granularity.partition(':')
+  if not (n.isdigit() and m.isdigit()):
+    raise ValueError(f'config.variants entry {entry!r}: an n:m pattern is two ints, e.g. 2:4')
+  return int(n), int(m)
+
+
+def _as_fraction(value) -> float:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+    raise ValueError(f'config.sparsities entry {value!r}; must lie in [0, 1)')
+  return float(value)

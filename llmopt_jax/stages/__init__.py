@@ -23,6 +23,7 @@ STAGES = {
     'distill': 'llmopt_jax.stages.distill',
     'ptq': 'llmopt_jax.stages.ptq',
     'qat': 'llmopt_jax.stages.qat',
+    'prune': 'llmopt_jax.stages.prune',
 }
 
 

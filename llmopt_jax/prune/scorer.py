@@ -1,0 +1,91 @@
+"""What the pruning stage measures: each variant written, read back, and scored.
+
+Every row is measured the same way as the quantization stages' rows: the variant's
+parameters are written to <workdir>/<variant>/ (`storage.py`: sparse kernels as values plus a
+bitmask), read back from there, scored on the problem's held-out batches, and timed at batch
+1 and 64 on one device. "params" counts the non-zero parameters, "bytes" is the size of the
+weights file, "sparsity" the share of the target kernels' weights that are zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llmopt_jax import sharding
+from llmopt_jax.prune import masks as masks_lib
+from llmopt_jax.prune import oneshot, storage
+from llmopt_jax.prune.config import PruneConfig
+from llmopt_jax.prune.masks import Path, Target
+from llmopt_jax.quant.scorer import source_model_dir
+from llmopt_jax.tasks import finished, scoring
+from llmopt_jax.tasks import problem as problem_lib
+from llmopt_jax.tasks.problem import Problem
+
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+  workdir: str
+  source_dir: str                  # the finished run named as the source
+  source: finished.FinishedModel   # its model (a distill run's: the chosen student)
+  problem: Problem
+  calibration: oneshot.Calibration
+  mesh: Mesh
+  rules: sharding.Rules
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict, workdir: str, source_dir: str) -> Scorer:
+    mesh, rules = sharding.from_config(config.mesh)
+    source = finished.load(source_model_dir(source_dir, config.source.student), mesh, rules)
+    problem = problem_lib.make(config, source)
+    data = oneshot.Calibration(problem.calibration_batches(config.calibration.examples),
+                               problem.forward, problem.task.loss_fn)
+    return cls(workdir, source_dir, source, problem, data, mesh, rules)
+
+  def row(self, name: str, subdir: str, params: nnx.State,
+          chosen: Mapping[Path, Target], **extra) -> dict[str, Any]:
+    """One table row (the report's JSON record) for `params`, written to `subdir`."""
+    directory = os.path.join(self.workdir, subdir)
+    size = storage.save(directory, params, [masks_lib.path_name(p) for p in chosen],
+                        {'variant': name})
+    loaded, _ = storage.load(directory, self.source.params)
+    loaded = jax.device_put(loaded, NamedSharding(self.mesh, PartitionSpec()))
+    zeros, total = masks_lib.counts(loaded, chosen)
+    row = scoring.score(name, self.source.graphdef, loaded, self.problem, self.mesh,
+                        self.rules, size=(_nonzero(loaded), size))
+    return {**dataclasses.replace(row, directory=subdir).to_json(),
+            'sparsity': zeros / total, **extra}
+
+  def targets(self, cfg: PruneConfig) -> dict[Path, Target]:
+    return masks_lib.targets(self.source.params, cfg)
+
+  def dense_row(self, cfg: PruneConfig) -> dict[str, Any]:
+    return self.row('dense', 'dense', self.source.params, self.targets(cfg), method='dense',
+                    granularity='', recovered=False)
+
+  def one_shot(self, cfg: PruneConfig) -> tuple[nnx.State, dict[str, Any]]:
+    """(pruned params, their row): the recipe applied to the source, no training."""
+    pruned, _ = oneshot.prune(cfg, self.source.graphdef, self.source.params, self.calibration)
+    return pruned, self.row(cfg.name, cfg.name, pruned, self.targets(cfg), **_recipe(cfg))
+
+
+def _recipe(cfg: PruneConfig) -> dict[str, Any]:
+  granularity = f'{cfg.n}:{cfg.m}' if cfg.granularity == 'nm' else cfg.granularity
+  return {'method': cfg.method, 'granularity': granularity, 'target_sparsity':
+          cfg.target_sparsity, 'recovered': False}
+
+
+def recovered_fields(cfg: PruneConfig) -> dict[str, Any]:
+  return {**_recipe(cfg), 'recovered': True}
+
+
+def _nonzero(params: nnx.State) -> int:
+  return sum(int(np.count_nonzero(np.asarray(x))) for x in jax.tree.leaves(params))
