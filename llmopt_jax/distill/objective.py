@@ -162,3 +162,25 @@ def _attention_term(cfg: DistillConfig, inner, teacher_inner, io: ModelIO,
                                  kind=cfg.attention_kind)
     total, count = total + s, c
   return total / len(cfg.layer_map), count
+
+
+@dataclasses.dataclass(frozen=True)
+class _AsStudent:
+  """The objective reads the trained model as `.student` (a DistillStudent's field)."""
+  student: nnx.Module
+
+
+def from_source_logits(distill: ml_collections.ConfigDict, num_steps: int, num_layers: int,
+                       io: ModelIO, source_graphdef: nnx.GraphDef):
+  """The loss of a model taught by the logits of the float model it was made from (QAT's
+  fake-quantized copy, a pruned copy): online, logits only, the trained model its own student
+  with no projections. The source's parameters are the task's constants."""
+  if distill.hidden_weight or distill.attention_weight:
+    raise ValueError('config.distill.hidden_weight / attention_weight: a model taught by its '
+                     'own source distils logits only (no projections); set 0')
+  if distill.mode != 'online':
+    raise ValueError(f'config.distill.mode={distill.mode!r}: a model taught by its own source '
+                     f'distils online only')
+  spec = DistillConfig.from_config(distill, num_steps, num_layers, num_layers)
+  kd = make_loss_fn(spec, io, source_graphdef)
+  return lambda model, batch, rngs, context: kd(_AsStudent(model), batch, rngs, context)

@@ -15,7 +15,10 @@ lowest scores are removed) and a schedule (when):
                over every target kernel: layers lose different shares), output (each output
                channel of each kernel loses `sparsity`; Wanda's and SparseGPT's comparison
                group), nm (at most `n` non-zeros in every `m` consecutive inputs, 2:4 being
-               what sparse tensor cores run)
+               what sparse tensor cores run), structured (whole attention heads, as their
+               key/value groups, and MLP neurons out of every block: `heads_fraction` and
+               `neurons_fraction` of them, by weight norm; the matrices are sliced into a
+               smaller dense model, so it is faster everywhere: `structured.py`)
   schedule     one_shot (prune once, then optionally recover), gradual (Zhu & Gupta 2017:
                sparsity rises from `initial_sparsity` to `sparsity` as a cubic between
                `start_step` and `end_step`, the mask recomputed every `every_steps`)
@@ -31,7 +34,7 @@ import ml_collections
 from llmopt_jax import configlib
 
 METHODS = ('magnitude', 'random', 'taylor', 'wanda', 'sparsegpt')
-GRANULARITIES = ('layer', 'global', 'output', 'nm')
+GRANULARITIES = ('layer', 'global', 'output', 'nm', 'structured')
 SCHEDULES = ('one_shot', 'gradual')
 # Methods that read calibration activations (inputs to each kernel) or gradients, and so
 # cannot run inside a training step.
@@ -62,6 +65,8 @@ class PruneConfig:
   every_steps: int = 1               # gradual: masks recomputed every this many steps
   ste: bool = False                  # straight-through: masked weights keep receiving gradient
                                      # (and may grow back at the next mask update)
+  heads_fraction: float = 0.0        # structured: share of attention heads (kv groups) removed
+  neurons_fraction: float = 0.0      # structured: share of MLP neurons removed
   sparsegpt_block: int = 128         # sparsegpt: input columns reconstructed together
   sparsegpt_damp: float = 0.01       # sparsegpt: Hessian dampening, a share of its mean diagonal
   seed: int = 0                      # random scores
@@ -74,6 +79,8 @@ class PruneConfig:
     _choice('schedule', self.schedule, SCHEDULES)
     _fraction('sparsity', self.sparsity)
     _fraction('initial_sparsity', self.initial_sparsity)
+    _fraction('heads_fraction', self.heads_fraction)
+    _fraction('neurons_fraction', self.neurons_fraction)
     for field in ('n', 'm', 'every_steps', 'sparsegpt_block'):
       _int(field, getattr(self, field), low=1)
     for field in ('start_step', 'end_step', 'seed'):
@@ -88,11 +95,24 @@ class PruneConfig:
       raise ValueError(f'config.prune.granularity={self.granularity!r}: sparsegpt chooses its '
                        f'mask per output row as it reconstructs; choose from '
                        f'{SPARSEGPT_GRANULARITIES}')
+    if self.granularity == 'structured':
+      self._check_structured()
     if self.schedule == 'gradual':
       self._check_gradual()
     for field in ('targets', 'exclude'):
       object.__setattr__(self, field, configlib.regexes(getattr(self, field),
                                                         f'config.prune.{field}'))
+
+  def _check_structured(self) -> None:
+    if self.method != 'magnitude':
+      raise ValueError(f'config.prune.method={self.method!r}: structured pruning ranks heads '
+                       f'and neurons by weight norm; use magnitude')
+    if self.schedule != 'one_shot':
+      raise ValueError('config.prune.schedule: structured pruning slices the matrices once; '
+                       'use schedule=one_shot')
+    if not (self.heads_fraction or self.neurons_fraction):
+      raise ValueError('config.prune.heads_fraction and neurons_fraction are both 0: '
+                       'structured pruning would remove nothing')
 
   def _check_gradual(self) -> None:
     if self.method in CALIBRATED and self.method != 'taylor':
@@ -118,6 +138,9 @@ class PruneConfig:
     """A short label for tables and directories: magnitude-layer-50, wanda-2of4, ..."""
     if self.granularity == 'nm':
       return f'{self.method}-{self.n}of{self.m}'
+    if self.granularity == 'structured':
+      return (f'{self.method}-heads{round(100 * self.heads_fraction)}'
+              f'-mlp{round(100 * self.neurons_fraction)}')
     return f'{self.method}-{self.granularity}-{round(100 * self.sparsity)}'
 
 
@@ -156,7 +179,8 @@ def section(**overrides) -> ml_collections.ConfigDict:
 def variants(config: ml_collections.ConfigDict) -> list[PruneConfig]:
   """The recipes of one run: each entry of `config.variants`, '<method>-<granularity>'
   (magnitude-global, wanda-output) at every sparsity of `config.sparsities`, or
-  '<method>-<n>:<m>' (sparsegpt-2:4) once; the other fields from `config.prune`."""
+  '<method>-<n>:<m>' (sparsegpt-2:4) or magnitude-structured (with config.prune's
+  heads_fraction and neurons_fraction) once; the other fields from `config.prune`."""
   if isinstance(config.variants, str) or not config.variants:
     raise ValueError(f'config.variants={config.variants!r}; give a tuple of entries such as '
                      f"('magnitude-layer', 'wanda-2:4')")
@@ -169,6 +193,8 @@ def variants(config: ml_collections.ConfigDict) -> list[PruneConfig]:
     if ':' in granularity:
       n, m = _n_of_m(entry, granularity)
       recipes.append(from_config(config.prune, method=method, granularity='nm', n=n, m=m))
+    elif granularity == 'structured':  # its fractions are config.prune's
+      recipes.append(from_config(config.prune, method=method, granularity=granularity))
     else:
       recipes.extend(from_config(config.prune, method=method, granularity=granularity,
                                  sparsity=_as_fraction(s)) for s in sparsities)
@@ -180,7 +206,7 @@ def _split_variant(entry) -> tuple[str, str]:
   if not granularity:
     raise ValueError(f'config.variants entry {entry!r}: expected <method>-<granularity> (e.g. '
                      f"'magnitude-global', 'wanda-2:4'); methods {METHODS}, granularities "
-                     f"{GRANULARITIES[:-1]} or n:m")
+                     f"{GRANULARITIES[:3]}, structured or n:m")
   return method, granularity
 
 

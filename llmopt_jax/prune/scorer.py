@@ -10,6 +10,7 @@ weights file, "sparsity" the share of the target kernels' weights that are zero.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -22,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llmopt_jax import sharding
 from llmopt_jax.prune import masks as masks_lib
-from llmopt_jax.prune import oneshot, storage
+from llmopt_jax.prune import oneshot, storage, structured
 from llmopt_jax.prune.config import PruneConfig
 from llmopt_jax.prune.masks import Path, Target
 from llmopt_jax.quant.scorer import source_model_dir
@@ -77,8 +78,43 @@ class Scorer:
     return pruned, self.row(cfg.name, cfg.name, pruned, self.targets(cfg), **_recipe(cfg))
 
 
+  def structured(self, cfg: PruneConfig
+                 ) -> tuple[finished.ModelCard, nnx.GraphDef, nnx.State, dict[str, Any]]:
+    """(the smaller model's card, graphdef and params, its row): whole heads and neurons
+    removed by weight norm, the matrices sliced."""
+    card, params = self.source.card, self.source.params
+    plan = structured.plan(structured.group_scores(params, card.model),
+                           structured.neuron_scores(params, card.model),
+                           heads_fraction=cfg.heads_fraction,
+                           neurons_fraction=cfg.neurons_fraction)
+    small, sliced = structured.slice(params, card.model, plan)
+    card = dataclasses.replace(card, model=small)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: card.build(nnx.Rngs(0))))
+    return card, graphdef, sliced, self.sliced_row(cfg.name, cfg.name, graphdef, sliced, cfg,
+                                                   recovered=False)
+
+  def sliced_row(self, name: str, subdir: str, graphdef: nnx.GraphDef, params: nnx.State,
+                 cfg: PruneConfig, *, recovered: bool) -> dict[str, Any]:
+    """The row of a structurally pruned model; its sparsity is the share of the target
+    kernels' weights that slicing removed."""
+    directory = os.path.join(self.workdir, subdir)
+    size = storage.save(directory, params, [], {'variant': name})
+    loaded, _ = storage.load(directory, params)
+    loaded = jax.device_put(loaded, NamedSharding(self.mesh, PartitionSpec()))
+    row = scoring.score(name, graphdef, loaded, self.problem, self.mesh, self.rules,
+                        size=(_nonzero(loaded), size))
+    dense = self.targets(cfg)
+    kept = dict(nnx.to_flat_state(loaded))
+    remaining = sum(kept[p].get_value().size for p in dense)
+    total = sum(math.prod(t.shape) for t in dense.values())
+    return {**dataclasses.replace(row, directory=subdir).to_json(),
+            'sparsity': 1 - remaining / total, **_recipe(cfg), 'recovered': recovered}
+
+
 def _recipe(cfg: PruneConfig) -> dict[str, Any]:
-  granularity = f'{cfg.n}:{cfg.m}' if cfg.granularity == 'nm' else cfg.granularity
+  granularity = {'nm': f'{cfg.n}:{cfg.m}',
+                 'structured': f'heads {cfg.heads_fraction:g}, mlp {cfg.neurons_fraction:g}'
+                 }.get(cfg.granularity, cfg.granularity)
   return {'method': cfg.method, 'granularity': granularity, 'target_sparsity':
           cfg.target_sparsity, 'recovered': False}
 

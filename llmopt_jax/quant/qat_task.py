@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
-from flax import nnx
 
 from llmopt_jax.distill import objective
 from llmopt_jax.quant import transform
@@ -23,22 +22,10 @@ from llmopt_jax.tasks.problem import Problem
 from llmopt_jax.train.task import Task
 
 
-@dataclasses.dataclass(frozen=True)
-class _AsStudent:
-  """The distillation objective reads the trained model as `.student` (a DistillStudent's
-  field)."""
-  student: nnx.Module
-
-
 def check_distill(config: ml_collections.ConfigDict) -> None:
-  """`qat.distill` distils logits online only."""
-  if not config.qat.distill:
-    return
-  if config.distill.hidden_weight or config.distill.attention_weight:
-    raise ValueError('config.distill.hidden_weight / attention_weight: QAT distils logits only '
-                     '(the quantized model is its own student, with no projections); set 0')
-  if config.distill.mode != 'online':
-    raise ValueError(f'config.distill.mode={config.distill.mode!r}: QAT distils online only')
+  """`qat.distill` distils logits online only (checked before any work)."""
+  if config.qat.distill:
+    objective.from_source_logits(config.distill, config.train.num_steps, 1, None, None)
 
 
 def qat_task(config: ml_collections.ConfigDict, source: FinishedModel, problem: Problem,
@@ -48,11 +35,9 @@ def qat_task(config: ml_collections.ConfigDict, source: FinishedModel, problem: 
   base = problem.task
   loss_fn, constants = base.loss_fn, None
   if config.qat.distill:
-    layers = source.card.model.num_layers
-    spec = objective.DistillConfig.from_config(config.distill, config.train.num_steps, layers,
-                                               layers)
-    kd = objective.make_loss_fn(spec, problem.io, source.graphdef)
-    loss_fn = lambda model, batch, rngs, context: kd(_AsStudent(model), batch, rngs, context)
+    loss_fn = objective.from_source_logits(config.distill, config.train.num_steps,
+                                           source.card.model.num_layers, problem.io,
+                                           source.graphdef)
     constants = lambda mesh, rules: source.params
   learned = cfg.scale == 'learned'
   return dataclasses.replace(

@@ -31,6 +31,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   recipes = prune_config.variants(config)  # every bad field fails before anything is written
   recover = _recovered_variants(config)
   train = TrainConfig.from_config(config) if recover else None
+  if recover:
+    recovery_task.check(config)
   workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
   source_dir = stages.finished_run(config.source.workdir, 'config.source.workdir',
@@ -40,16 +42,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   rows = [scorer.dense_row(recipes[0])]
   data_start = scorer.problem.task.train_data.get_state()
   for cfg in recipes:
-    pruned, row = scorer.one_shot(cfg)
+    card = None
+    if cfg.granularity == 'structured':
+      card, _, pruned, row = scorer.structured(cfg)
+    else:
+      pruned, row = scorer.one_shot(cfg)
     rows.append(row)
     if _variant(cfg) in recover:
       scorer.problem.task.train_data.set_state(data_start)  # every recovery sees the same data
-      rows.append(_recovered_row(train, scorer, cfg, pruned))
+      rows.append(_recovered_row(config, train, scorer, cfg, pruned, card))
   return _write_report(scorer, rows, started)
 
 
 def _variant(cfg: prune_config.PruneConfig) -> str:
-  return f'{cfg.method}-' + (f'{cfg.n}:{cfg.m}' if cfg.granularity == 'nm' else cfg.granularity)
+  granularity = f'{cfg.n}:{cfg.m}' if cfg.granularity == 'nm' else cfg.granularity
+  return f'{cfg.method}-{granularity}'
 
 
 def _recovered_variants(config: ml_collections.ConfigDict) -> set[str]:
@@ -61,15 +68,22 @@ def _recovered_variants(config: ml_collections.ConfigDict) -> set[str]:
   return recover
 
 
-def _recovered_row(train: TrainConfig, scorer: scorer_lib.Scorer, cfg, pruned):
-  task = recovery_task.recovery_task(scorer.source, scorer.problem, cfg, pruned)
+def _recovered_row(config, train: TrainConfig, scorer: scorer_lib.Scorer, cfg, pruned, card):
+  """Trains the recovery run in <workdir>/<recipe>-recovered/, then scores its best
+  checkpoint."""
+  task = recovery_task.recovery_task(config, scorer.source, scorer.problem, cfg, pruned, card)
   name = f'{cfg.name}-recovered'
   subdir = os.path.join(scorer.workdir, name)
   report.say(f'Recovery fine-tune of {cfg.name} in {subdir}.')
   loop.train(train, subdir, task)
-  _, tree = trained.load_params(train, subdir, dataclasses.replace(task, params_transform=None))
-  return scorer.row(name, os.path.join(name, 'weights'), recovery_task.trained_params(tree),
-                    scorer.targets(cfg), **scorer_lib.recovered_fields(cfg))
+  graphdef, tree = trained.load_params(train, subdir,
+                                       dataclasses.replace(task, params_transform=None))
+  params = recovery_task.trained_params(tree)
+  weights = os.path.join(name, 'weights')
+  if card is not None:
+    return scorer.sliced_row(name, weights, graphdef, params, cfg, recovered=True)
+  return scorer.row(name, weights, params, scorer.targets(cfg),
+                    **scorer_lib.recovered_fields(cfg))
 
 
 def _write_report(scorer: scorer_lib.Scorer, rows: list[dict], started: float) -> dict:
