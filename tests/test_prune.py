@@ -2,6 +2,8 @@
 closed form, and the optimizer wrapper keeping pruned weights and their moments at zero in
 the one train step, sharded or not."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from llmopt_jax import configlib, losses, optim, sharding
 from llmopt_jax.models.config import TransformerConfig
 from llmopt_jax.models.transformer import Transformer
 from llmopt_jax.prune import config as prune_config
+from llmopt_jax.prune import imp
 from llmopt_jax.prune import masks as masks_lib
 from llmopt_jax.prune import optimizer as prune_optimizer
 from llmopt_jax.prune import scores
@@ -288,3 +291,33 @@ def test_patterns_matching_nothing_are_refused(params):
 def test_n_of_m_that_does_not_tile_a_kernel_is_refused(params):
   with pytest.raises(ValueError, match='config.prune.m=3'):
     masks_lib.targets(params, recipe(granularity='nm', n=1, m=3))
+
+
+# ---- Iterative pruning with rewinding -----------------------------------------------------------
+
+def test_iterative_rounds_prune_the_same_share_of_survivors_and_end_at_the_target():
+  cfg = recipe(sparsity=0.784, schedule='iterative', granularity='global', rounds=3)
+  sparsities = [0.0] + [imp.round_sparsity(cfg, r) for r in (1, 2, 3)]
+  assert sparsities[-1] == pytest.approx(0.784)
+  kept_shares = [(1 - b) / (1 - a) for a, b in itertools.pairwise(sparsities)]
+  assert kept_shares == pytest.approx([0.6] * 3)
+
+
+def test_rewinding_restores_the_survivors_exactly_and_only_prunes_more(params):
+  """Round 2 from a 'trained' copy of round 1: the masks come from the trained magnitudes,
+  include every weight round 1 pruned, and the survivors hold the rewind point's values bit
+  for bit."""
+  cfg = recipe(sparsity=0.75, schedule='iterative', granularity='global', rounds=2)
+  chosen = masks_lib.targets(params, cfg)
+  start, first = imp.rewind(params, params, chosen, cfg, imp.round_sparsity(cfg, 1))
+  noise = jax.tree.map(lambda x: x * 0.5 + 0.01, start)  # stands in for a round of training
+  trained = masks_lib.apply(noise, first)
+  rewound, second = imp.rewind(params, trained, chosen, cfg, imp.round_sparsity(cfg, 2))
+  source, after = dict(nnx.to_flat_state(params)), dict(nnx.to_flat_state(rewound))
+  total = sum(m.size for m in second.values())
+  assert sum(int(jnp.sum(~m)) for m in second.values()) == round(0.75 * total)
+  for path, mask in second.items():
+    assert not np.any(np.asarray(mask) & ~np.asarray(first[path])), path
+    np.testing.assert_array_equal(
+        np.asarray(after[path].get_value()),
+        np.where(mask, np.asarray(source[path].get_value()), 0))

@@ -13,7 +13,8 @@ from llmopt_jax.prune import storage
 from llmopt_jax.stages import prune as prune_stage
 
 VARIANTS = ['dense', 'magnitude-global-50', 'magnitude-global-50-recovered', 'wanda-output-50',
-            'sparsegpt-2of4', 'magnitude-heads25-mlp50', 'magnitude-heads25-mlp50-recovered']
+            'sparsegpt-2of4', 'magnitude-heads25-mlp50', 'magnitude-heads25-mlp50-recovered',
+            'magnitude-layer-imp-50']
 
 
 def _config(start: str):
@@ -26,6 +27,8 @@ def _config(start: str):
   config.train.update(num_steps=4, eval_every=2)
   config.checkpoint.every_steps = 2
   config.recover = ('magnitude-global', 'magnitude-structured')
+  config.variants += ('magnitude-layer-imp',)
+  config.prune.rounds = 2
   return config
 
 
@@ -118,6 +121,13 @@ def test_structured_pruning_writes_smaller_matrices(prune_run):
     row = prune_run.rows[name]
     assert row['sparsity'] == pytest.approx(removed / sum(k.size for k in dense.values()))
     assert row['params'] <= prune_run.rows['dense']['params'] - removed
+
+
+def test_iterative_pruning_trains_a_run_per_round_and_ends_at_the_sparsity(prune_run):
+  row = prune_run.rows['magnitude-layer-imp-50']
+  assert row['sparsity'] == 0.5 and row['recovered']
+  for r in (1, 2):
+    assert (prune_run.workdir / f'magnitude-layer-imp-50-round{r}' / 'summary.json').exists()
 
 
 def test_a_rerun_reuses_the_finished_source_and_recovery(prune_run):

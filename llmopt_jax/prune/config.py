@@ -21,7 +21,10 @@ lowest scores are removed) and a schedule (when):
                smaller dense model, so it is faster everywhere: `structured.py`)
   schedule     one_shot (prune once, then optionally recover), gradual (Zhu & Gupta 2017:
                sparsity rises from `initial_sparsity` to `sparsity` as a cubic between
-               `start_step` and `end_step`, the mask recomputed every `every_steps`)
+               `start_step` and `end_step`, the mask recomputed every `every_steps`),
+               iterative (Frankle & Carbin 2019, lottery tickets with weight rewinding:
+               `rounds` times train, prune the same share of the survivors by magnitude,
+               rewind the survivors to the source's weights; `imp.py`)
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from llmopt_jax import configlib
 
 METHODS = ('magnitude', 'random', 'taylor', 'wanda', 'sparsegpt')
 GRANULARITIES = ('layer', 'global', 'output', 'nm', 'structured')
-SCHEDULES = ('one_shot', 'gradual')
+SCHEDULES = ('one_shot', 'gradual', 'iterative')
 # Methods that read calibration activations (inputs to each kernel) or gradients, and so
 # cannot run inside a training step.
 CALIBRATED = ('taylor', 'wanda', 'sparsegpt')
@@ -63,6 +66,7 @@ class PruneConfig:
   start_step: int = 0                # gradual: first pruning step
   end_step: int = 0                  # gradual: the step sparsity reaches `sparsity`
   every_steps: int = 1               # gradual: masks recomputed every this many steps
+  rounds: int = 3                    # iterative: train-prune-rewind rounds to reach `sparsity`
   ste: bool = False                  # straight-through: masked weights keep receiving gradient
                                      # (and may grow back at the next mask update)
   heads_fraction: float = 0.0        # structured: share of attention heads (kv groups) removed
@@ -81,7 +85,7 @@ class PruneConfig:
     _fraction('initial_sparsity', self.initial_sparsity)
     _fraction('heads_fraction', self.heads_fraction)
     _fraction('neurons_fraction', self.neurons_fraction)
-    for field in ('n', 'm', 'every_steps', 'sparsegpt_block'):
+    for field in ('n', 'm', 'every_steps', 'sparsegpt_block', 'rounds'):
       _int(field, getattr(self, field), low=1)
     for field in ('start_step', 'end_step', 'seed'):
       _int(field, getattr(self, field), low=0)
@@ -99,6 +103,11 @@ class PruneConfig:
       self._check_structured()
     if self.schedule == 'gradual':
       self._check_gradual()
+    if self.schedule == 'iterative' and (self.method != 'magnitude' or self.granularity not in (
+        'layer', 'global')):
+      raise ValueError(f'config.prune.schedule=iterative prunes by the magnitude of trained '
+                       f'weights, layer-wise or global; got method={self.method!r}, '
+                       f'granularity={self.granularity!r}')
     for field in ('targets', 'exclude'):
       object.__setattr__(self, field, configlib.regexes(getattr(self, field),
                                                         f'config.prune.{field}'))
@@ -141,7 +150,8 @@ class PruneConfig:
     if self.granularity == 'structured':
       return (f'{self.method}-heads{round(100 * self.heads_fraction)}'
               f'-mlp{round(100 * self.neurons_fraction)}')
-    return f'{self.method}-{self.granularity}-{round(100 * self.sparsity)}'
+    imp = '-imp' if self.schedule == 'iterative' else ''
+    return f'{self.method}-{self.granularity}{imp}-{round(100 * self.sparsity)}'
 
 
 def _choice(field: str, value, allowed: tuple) -> None:
@@ -180,7 +190,8 @@ def variants(config: ml_collections.ConfigDict) -> list[PruneConfig]:
   """The recipes of one run: each entry of `config.variants`, '<method>-<granularity>'
   (magnitude-global, wanda-output) at every sparsity of `config.sparsities`, or
   '<method>-<n>:<m>' (sparsegpt-2:4) or magnitude-structured (with config.prune's
-  heads_fraction and neurons_fraction) once; the other fields from `config.prune`."""
+  heads_fraction and neurons_fraction) once; '<method>-<granularity>-imp' is iterative
+  pruning with rewinding (magnitude-global-imp); the other fields from `config.prune`."""
   if isinstance(config.variants, str) or not config.variants:
     raise ValueError(f'config.variants={config.variants!r}; give a tuple of entries such as '
                      f"('magnitude-layer', 'wanda-2:4')")
@@ -190,6 +201,9 @@ def variants(config: ml_collections.ConfigDict) -> list[PruneConfig]:
   recipes = []
   for entry in config.variants:
     method, granularity = _split_variant(entry)
+    schedule = {}
+    if granularity.endswith('-imp'):  # magnitude-global-imp: iterative, with rewinding
+      granularity, schedule = granularity[:-len('-imp')], {'schedule': 'iterative'}
     if ':' in granularity:
       n, m = _n_of_m(entry, granularity)
       recipes.append(from_config(config.prune, method=method, granularity='nm', n=n, m=m))
@@ -197,7 +211,7 @@ def variants(config: ml_collections.ConfigDict) -> list[PruneConfig]:
       recipes.append(from_config(config.prune, method=method, granularity=granularity))
     else:
       recipes.extend(from_config(config.prune, method=method, granularity=granularity,
-                                 sparsity=_as_fraction(s)) for s in sparsities)
+                                 sparsity=_as_fraction(s), **schedule) for s in sparsities)
   return recipes
 
 

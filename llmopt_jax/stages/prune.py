@@ -7,7 +7,8 @@ Chain: the source (a fine-tune, pretrain or distilled student; trained first in
 weights written compressed to <workdir>/<recipe>/, read back and scored -> for the variants in
 `config.recover`: a fine-tune of the pruned model with its masks held, in
 <workdir>/<recipe>-recovered/ (the shared loop: resumable, early stopping, best checkpoint),
-scored the same way -> report.md / .json and quality_vs_sparsity.png.
+scored the same way; iterative variants (`-imp`): `prune.rounds` such runs, each rewound to the
+source's weights under the last round's masks (`prune/imp.py`) -> report.md / .json and quality_vs_sparsity.png.
 Fields: configs/prune.py and `llmopt_jax/prune/config.py` (`PruneConfig`).
 """
 
@@ -22,7 +23,7 @@ import jax
 import ml_collections
 
 from llmopt_jax import report, stages, workdir as workdir_lib
-from llmopt_jax.prune import config as prune_config, recovery_task, scorer as scorer_lib
+from llmopt_jax.prune import config as prune_config, imp, recovery_task, scorer as scorer_lib
 from llmopt_jax.train import loop, trained
 from llmopt_jax.train.config import TrainConfig
 
@@ -30,8 +31,9 @@ from llmopt_jax.train.config import TrainConfig
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   recipes = prune_config.variants(config)  # every bad field fails before anything is written
   recover = _recovered_variants(config)
-  train = TrainConfig.from_config(config) if recover else None
-  if recover:
+  trains = recover or any(cfg.schedule == 'iterative' for cfg in recipes)
+  train = TrainConfig.from_config(config) if trains else None
+  if trains:
     recovery_task.check(config)
   workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
@@ -43,6 +45,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data_start = scorer.problem.task.train_data.get_state()
   for cfg in recipes:
     card = None
+    if cfg.schedule == 'iterative':
+      scorer.problem.task.train_data.set_state(data_start)
+      rows.append(_iterative_row(config, train, scorer, cfg, data_start))
+      continue
     if cfg.granularity == 'structured':
       card, _, pruned, row = scorer.structured(cfg)
     else:
@@ -84,6 +90,26 @@ def _recovered_row(config, train: TrainConfig, scorer: scorer_lib.Scorer, cfg, p
     return scorer.sliced_row(name, weights, graphdef, params, cfg, recovered=True)
   return scorer.row(name, weights, params, scorer.targets(cfg),
                     **scorer_lib.recovered_fields(cfg))
+
+
+def _iterative_row(config, train: TrainConfig, scorer: scorer_lib.Scorer, cfg, data_start):
+  """`cfg.rounds` recovery runs, <workdir>/<recipe>-round<r>/, each started from the source's
+  weights under the masks the round before it trained; the last round's best checkpoint is
+  the row."""
+  source = scorer.source.params
+  chosen = scorer.targets(cfg)
+  trained_last = source
+  for r in range(1, cfg.rounds + 1):
+    start, _ = imp.rewind(source, trained_last, chosen, cfg, imp.round_sparsity(cfg, r))
+    task = recovery_task.recovery_task(config, scorer.source, scorer.problem, cfg, start)
+    subdir = os.path.join(scorer.workdir, f'{cfg.name}-round{r}')
+    report.say(f'Iterative pruning {cfg.name}, round {r} of {cfg.rounds}, in {subdir}.')
+    scorer.problem.task.train_data.set_state(data_start)
+    loop.train(train, subdir, task)
+    _, tree = trained.load_params(train, subdir, dataclasses.replace(task, params_transform=None))
+    trained_last = recovery_task.trained_params(tree)
+  return scorer.row(cfg.name, os.path.join(f'{cfg.name}-round{cfg.rounds}', 'weights'),
+                    trained_last, chosen, **scorer_lib.recovered_fields(cfg))
 
 
 def _write_report(scorer: scorer_lib.Scorer, rows: list[dict], started: float) -> dict:
