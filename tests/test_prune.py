@@ -321,3 +321,56 @@ def test_rewinding_restores_the_survivors_exactly_and_only_prunes_more(params):
     np.testing.assert_array_equal(
         np.asarray(after[path].get_value()),
         np.where(mask, np.asarray(source[path].get_value()), 0))
+
+
+# ---- In the loop: checkpointed masks, exact resume ---------------------------------------------
+
+def _pruning_pretrain(tfds_dir, workdir, cfg, wrap_data=None):
+  """configs/pretrain.py:tiny for 8 steps on the 4 x 2 FSDP x tensor mesh, under the pruning
+  wrapper with masks in the trained tree; returns the last checkpoint's state."""
+  import dataclasses
+
+  import orbax.checkpoint as ocp
+
+  from conftest import load_config
+  from llmopt_jax.tasks import lm
+  from llmopt_jax.train import loop
+  from llmopt_jax.train.config import TrainConfig
+  config = load_config('pretrain', 'tiny')
+  config.data.tfds_data_dir = tfds_dir
+  config.train.update(num_steps=8, eval_every=4, log_every=2)
+  config.checkpoint.every_steps = 1
+  config.mesh = configlib.mesh('fsdp_tensor')
+  task = lm.pretraining(config, str(workdir)).task
+  abstract = nnx.state(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))), nnx.Param)
+  chosen = masks_lib.targets(abstract, cfg)
+  ones = lambda params: {p: jnp.ones(t.shape, bool) for p, t in chosen.items()}
+  task = dataclasses.replace(
+      task, extend_params=lambda params: masks_lib.with_masks(params, ones(params)),
+      params_transform=prune_optimizer.params_transform(cfg),
+      wrap_optimizer=lambda tx: prune_optimizer.wrap(tx, cfg, chosen),
+      train_data=task.train_data if wrap_data is None else wrap_data(task.train_data))
+  loop.train(TrainConfig.from_config(config), str(workdir), task)
+  return ocp.StandardCheckpointer().restore(workdir / 'checkpoints' / '8' / 'state'), chosen
+
+
+def test_a_resumed_pruning_run_is_bitwise_equal_to_an_uninterrupted_one(tfds_dir, tmp_path):
+  """Gradual pruning interrupted after step 5 (masks recomputed at steps 1, 3 and 5) and
+  resumed: masks, weights and moments come back from the checkpoint exactly, so the run ends
+  bit for bit where the uninterrupted one does, at the final sparsity, pruned weights at 0."""
+  from test_train import Interrupt
+  cfg = recipe(sparsity=0.5, schedule='gradual', start_step=1, end_step=5, every_steps=2)
+  straight, chosen = _pruning_pretrain(tfds_dir, tmp_path / 'straight', cfg)
+  with pytest.raises(KeyboardInterrupt):
+    _pruning_pretrain(tfds_dir, tmp_path / 'resumed', cfg, lambda d: Interrupt(d, 5))
+  resumed, _ = _pruning_pretrain(tfds_dir, tmp_path / 'resumed', cfg)
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+  arrays = {optim.param_path(path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(resumed['params'])}
+  for path in chosen:
+    name = masks_lib.path_name(path)
+    w = np.asarray(arrays[f'{masks_lib.BASE}/{name}/value'])
+    m = np.asarray(arrays[f'{masks_lib.MASK}/{name}/value'])
+    assert np.sum(m == 0) == round(0.5 * m.size), path
+    assert (w[m == 0] == 0).all(), path
