@@ -38,7 +38,7 @@ HISTORY = 'config_history.jsonl'
 COMPATIBLE = ('train.num_steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
               'checkpoint.', 'early_stopping.patience', 'mesh.', 'test_batches', 'export',
               'data.tfds_data_dir', 'data.num_shards', 'variants', 'teacher.config.',
-              'source.config.')
+              'source.config.', 'sparsities', 'quant_variants')
 _FINISHED = ('summary.json', 'model.json', 'report.json')
 
 _held: dict[str, int] = {}  # lock file -> open descriptor, for the locks this process holds

@@ -176,7 +176,9 @@ CONFIG_FILES = sorted(glob.glob('configs/*.py', root_dir=REPO))
 START_FIELDS = {'finetune': ('init.model',),
                 'distill': ('init.model', 'teacher.config.init.model'),
                 'ptq': ('init.model', 'source.config.init.model'),
-                'qat': ('init.model', 'source.config.init.model')}
+                'qat': ('init.model', 'source.config.init.model'),
+                'prune': ('init.model', 'source.config.init.model'),
+                'compress': ('init.model', 'source.config.init.model')}
 
 
 @pytest.mark.parametrize('config_file', CONFIG_FILES, ids=os.path.basename)
@@ -191,7 +193,8 @@ def test_every_config_runs_at_tiny(config_file, cli_env, tiny_bert_dir, tmp_path
   assert result.returncode == 0, explain(result)
   # Stages with sub-runs (workdirs of their own) end with a report; ptq trains nothing but
   # its source, which keeps its own tiny step count.
-  runs = {'distill': ('student_kd', 2), 'qat': ('qat-int4-g128', 2), 'ptq': ('source', 10)}
+  runs = {'distill': ('student_kd', 2), 'qat': ('qat-int4-g128', 2), 'ptq': ('source', 10),
+          'prune': ('magnitude-global-50-recovered', 2), 'compress': ('pruned-distilled', 2)}
   stage = os.path.basename(config_file)[:-3]
   run, steps = workdir, 2
   if stage in runs:

@@ -24,6 +24,7 @@ STAGES = {
     'ptq': 'llmopt_jax.stages.ptq',
     'qat': 'llmopt_jax.stages.qat',
     'prune': 'llmopt_jax.stages.prune',
+    'compress': 'llmopt_jax.stages.compress',
 }
 
 
