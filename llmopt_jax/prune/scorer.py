@@ -51,18 +51,28 @@ class Scorer:
                                problem.forward, problem.task.loss_fn)
     return cls(workdir, source_dir, source, problem, data, mesh, rules)
 
+  def _read_back(self, name: str, subdir: str, params: nnx.State, sparse: list[str]
+                 ) -> tuple[nnx.State, int]:
+    """`params` written to `subdir` (the kernels named in `sparse` compressed), then read back
+    onto the mesh: (what was read, the weights file's bytes)."""
+    directory = os.path.join(self.workdir, subdir)
+    size = storage.save(directory, params, sparse, {'variant': name})
+    loaded, _ = storage.load(directory, params)
+    return jax.device_put(loaded, NamedSharding(self.mesh, PartitionSpec())), size
+
+  def _score(self, name: str, subdir: str, graphdef: nnx.GraphDef, loaded: nnx.State,
+             size: int) -> dict[str, Any]:
+    row = scoring.score(name, graphdef, loaded, self.problem, self.mesh, self.rules,
+                        size=(_nonzero(loaded), size))
+    return dataclasses.replace(row, directory=subdir).to_json()
+
   def row(self, name: str, subdir: str, params: nnx.State,
           chosen: Mapping[Path, Target], **extra) -> dict[str, Any]:
     """One table row (the report's JSON record) for `params`, written to `subdir`."""
-    directory = os.path.join(self.workdir, subdir)
-    size = storage.save(directory, params, [masks_lib.path_name(p) for p in chosen],
-                        {'variant': name})
-    loaded, _ = storage.load(directory, self.source.params)
-    loaded = jax.device_put(loaded, NamedSharding(self.mesh, PartitionSpec()))
+    loaded, size = self._read_back(name, subdir, params,
+                                   [masks_lib.path_name(p) for p in chosen])
     zeros, total = masks_lib.counts(loaded, chosen)
-    row = scoring.score(name, self.source.graphdef, loaded, self.problem, self.mesh,
-                        self.rules, size=(_nonzero(loaded), size))
-    return {**dataclasses.replace(row, directory=subdir).to_json(),
+    return {**self._score(name, subdir, self.source.graphdef, loaded, size),
             'sparsity': zeros / total, **extra}
 
   def targets(self, cfg: PruneConfig) -> dict[Path, Target]:
@@ -76,7 +86,6 @@ class Scorer:
     """(pruned params, their row): the recipe applied to the source, no training."""
     pruned, _ = oneshot.prune(cfg, self.source.graphdef, self.source.params, self.calibration)
     return pruned, self.row(cfg.name, cfg.name, pruned, self.targets(cfg), **_recipe(cfg))
-
 
   def structured(self, cfg: PruneConfig
                  ) -> tuple[finished.ModelCard, nnx.GraphDef, nnx.State, dict[str, Any]]:
@@ -97,17 +106,12 @@ class Scorer:
                  cfg: PruneConfig, *, recovered: bool) -> dict[str, Any]:
     """The row of a structurally pruned model; its sparsity is the share of the target
     kernels' weights that slicing removed."""
-    directory = os.path.join(self.workdir, subdir)
-    size = storage.save(directory, params, [], {'variant': name})
-    loaded, _ = storage.load(directory, params)
-    loaded = jax.device_put(loaded, NamedSharding(self.mesh, PartitionSpec()))
-    row = scoring.score(name, graphdef, loaded, self.problem, self.mesh, self.rules,
-                        size=(_nonzero(loaded), size))
+    loaded, size = self._read_back(name, subdir, params, [])
     dense = self.targets(cfg)
     kept = dict(nnx.to_flat_state(loaded))
     remaining = sum(kept[p].get_value().size for p in dense)
     total = sum(math.prod(t.shape) for t in dense.values())
-    return {**dataclasses.replace(row, directory=subdir).to_json(),
+    return {**self._score(name, subdir, graphdef, loaded, size),
             'sparsity': 1 - remaining / total, **_recipe(cfg), 'recovered': recovered}
 
 
