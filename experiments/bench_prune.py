@@ -64,7 +64,7 @@ def _variants(head, model_config, graphdef, params):
     plan = structured.plan(structured.group_scores(params, model_config),
                            structured.neuron_scores(params, model_config),
                            heads_fraction=heads, neurons_fraction=neurons)
-    small, sliced = structured.slice(params, model_config, plan)
+    small, sliced = structured.slice_model(params, model_config, plan)
     small_graphdef = nnx.graphdef(nnx.eval_shape(lambda s=small: build(s, head, nnx.Rngs(0))))
     name = (f'structured: {small.num_heads}/{model_config.num_heads} heads, '
             f'{small.mlp_dim}/{model_config.mlp_dim} MLP')

@@ -118,7 +118,7 @@ def pruned(request):
   name = request.param
   params = _random_params(name)
   plan = _plan_of(name, params)
-  small, sliced = structured.slice(params, CASES[name].config, plan)
+  small, sliced = structured.slice_model(params, CASES[name].config, plan)
   return name, params, plan, structured.mask(params, CASES[name].config, plan), small, sliced
 
 
@@ -223,7 +223,7 @@ def test_mask_zeroes_the_removed_units_and_slice_keeps_the_rest(pruned):
 def test_pruning_nothing_changes_nothing(name):
   params, c = _random_params(name), CASES[name].config
   plan = _plan_of(name, params, heads_fraction=0.0, neurons_fraction=0.0)
-  small, sliced = structured.slice(params, c, plan)
+  small, sliced = structured.slice_model(params, c, plan)
   assert small == c
   for other in (structured.mask(params, c, plan), sliced):
     jax.tree.map(np.testing.assert_array_equal, other, params)
@@ -288,7 +288,7 @@ def test_sliced_model_round_trips_through_transformers(name, heads_fraction, req
   plan = structured.plan(structured.group_scores(params, config),
                          structured.neuron_scores(params, config),
                          heads_fraction=heads_fraction, neurons_fraction=0.5)
-  small, sliced = structured.slice(params, config, plan)
+  small, sliced = structured.slice_model(params, config, plan)
   hf.export(sliced, small, str(tmp_path))
   auto = transformers.AutoModel if name == 'bert' else transformers.AutoModelForCausalLM
   theirs = auto.from_pretrained(tmp_path).eval()

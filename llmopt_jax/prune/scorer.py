@@ -96,7 +96,7 @@ class Scorer:
                            structured.neuron_scores(params, card.model),
                            heads_fraction=cfg.heads_fraction,
                            neurons_fraction=cfg.neurons_fraction)
-    small, sliced = structured.slice(params, card.model, plan)
+    small, sliced = structured.slice_model(params, card.model, plan)
     card = dataclasses.replace(card, model=small)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: card.build(nnx.Rngs(0))))
     return card, graphdef, sliced, self.sliced_row(cfg.name, cfg.name, graphdef, sliced, cfg,

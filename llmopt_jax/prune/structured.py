@@ -17,7 +17,7 @@ uniform `TransformerConfig`, with fewer num_heads, num_kv_heads and mlp_dim. Eve
   group_scores, neuron_scores   weight-magnitude importance of each unit, per block
   plan                          which units each block keeps (the highest-scoring)
   mask                          the same shapes with the pruned units' weights exactly 0
-  slice                         the smaller matrices, and the config that builds their model
+  slice_model                   the smaller matrices, and the config that builds their model
 
 The masked and the sliced model compute the same function: a masked group's queries, keys and
 values are 0 and so are its rows of o, a masked neuron's hidden activation is act(0) * 0 = 0
@@ -239,12 +239,12 @@ def _zero_all_but(value: jax.Array, axis: int, kept: np.ndarray) -> jax.Array:
 
 def mask(params: nnx.State, config: TransformerConfig, plan: Plan) -> nnx.State:
   """The same shapes with the pruned units' weights and biases set to exactly 0: the model
-  that `slice` makes smaller, for comparison and for training before slicing."""
+  that `slice_model` makes smaller, for comparison and for training before slicing."""
   return _edit(params, config, plan, _zero_all_but)
 
 
-def slice(params: nnx.State, config: TransformerConfig,
-          plan: Plan) -> tuple[TransformerConfig, nnx.State]:
+def slice_model(params: nnx.State, config: TransformerConfig,
+                plan: Plan) -> tuple[TransformerConfig, nnx.State]:
   """(the smaller config, its parameters): each block's matrices and biases keep only the
   planned units, in their original order; every other parameter is the same array.
 
