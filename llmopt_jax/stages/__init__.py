@@ -56,6 +56,13 @@ def finished_run(given: str, field: str, default_dir: str, config: ml_collection
   return default_dir
 
 
+def finished_source(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The finished run a stage transforms (quantizes, prunes): `config.source.workdir`, or
+  <workdir>/source, trained with `config.source.config` first if it has not finished."""
+  return finished_run(config.source.workdir, 'config.source.workdir',
+                      os.path.join(workdir, 'source'), config.source.config, config.task)
+
+
 def _check_finished(workdir: str, field: str, default_dir: str, task: str) -> None:
   stage = None
   if os.path.exists(os.path.join(workdir, 'config.json')):

@@ -40,9 +40,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   cfg, recipes, train = _checked(config)  # every bad field fails before anything is written
   workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
-  source_dir = stages.finished_run(config.source.workdir, 'config.source.workdir',
-                                   os.path.join(workdir, 'source'), config.source.config,
-                                   config.task)
+  source_dir = stages.finished_source(config, workdir)
   scorer = scorer_lib.Scorer.of(config, workdir, source_dir)
   rows = [scorer.dense_row(cfg)]
   card, _, pruned, row = scorer.structured(cfg)

@@ -37,9 +37,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     recovery_task.check(config)
   workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
-  source_dir = stages.finished_run(config.source.workdir, 'config.source.workdir',
-                                   os.path.join(workdir, 'source'), config.source.config,
-                                   config.task)
+  source_dir = stages.finished_source(config, workdir)
   scorer = scorer_lib.Scorer.of(config, workdir, source_dir)
   rows = [scorer.dense_row(recipes[0])]
   data_start = scorer.problem.task.train_data.get_state()

@@ -11,7 +11,6 @@ Fields: configs/ptq.py and `llmopt_jax/quant/config.py` (`QuantConfig`).
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -25,9 +24,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
   recipes = recipes_lib.recipes(config, 'variants')  # a bad field fails before any training
-  source_dir = stages.finished_run(config.source.workdir, 'config.source.workdir',
-                                   os.path.join(workdir, 'source'), config.source.config,
-                                   config.task)
+  source_dir = stages.finished_source(config, workdir)
   scorer = scorer_lib.Scorer.of(config, workdir, source_dir)
   rows = scorer.float_rows() + [scorer.ptq_row(cfg, scorer.ranges(cfg)) for cfg in recipes]
   return scorer_lib.write_report(scorer, rows, recipes, started, 'Post-training quantization')

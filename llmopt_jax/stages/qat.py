@@ -32,9 +32,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   qat_task.check_distill(config)
   workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
-  source_dir = stages.finished_run(config.source.workdir, 'config.source.workdir',
-                                   os.path.join(workdir, 'source'), config.source.config,
-                                   config.task)
+  source_dir = stages.finished_source(config, workdir)
   scorer = scorer_lib.Scorer.of(config, workdir, source_dir)
   rows = scorer.float_rows()
   # Every QAT run starts the shared training iterator at the same place: the same batches in
