@@ -31,6 +31,7 @@ from flax import nnx
 from llmopt_jax import sharding
 from llmopt_jax.models import attention
 from llmopt_jax.models import families
+from llmopt_jax.models import kv_cache
 from llmopt_jax.models import layers
 from llmopt_jax.models.config import TransformerConfig
 
@@ -72,15 +73,33 @@ class Block(nnx.Module):
     dropout only when `rngs` is given."""
     drop = functools.partial(self.dropout, deterministic=rngs is None, rngs=rngs)
     attend = functools.partial(self.attn, positions=positions, mask=mask, rngs=rngs)
+    return self._residual(x, attend, drop)
+
+  def decode(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array, cursor: jax.Array,
+             keys: jax.Array, values: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """This layer over new tokens with a KV cache (`Attention.cached`): the residual stream
+    and the layer's updated (keys, values)."""
+    attend = functools.partial(self.attn.cached, positions=positions, mask=mask, cursor=cursor,
+                               keys=keys, values=values)
+    x, (keys, values) = self._residual(x, lambda y: _split_first(attend(y)), lambda y: y)
+    return x, (keys, values)
+
+  def _residual(self, x: jax.Array, attend, drop) -> tuple[jax.Array, object]:
+    """The block's two residual branches around `attend` (which returns the attention output
+    and whatever else it reports) and the MLP, normalised pre or post."""
     if self.post_norm:
-      attended, probs = attend(x)
+      attended, extra = attend(x)
       x = self.attn_norm(x + drop(attended))
       x = self.mlp_norm(x + drop(self.mlp(x)))
     else:
-      attended, probs = attend(self.attn_norm(x))
+      attended, extra = attend(self.attn_norm(x))
       x = x + drop(attended)
       x = x + drop(self.mlp(self.mlp_norm(x)))
-    return sharding.constrain(x, _RESIDUAL), probs
+    return sharding.constrain(x, _RESIDUAL), extra
+
+
+def _split_first(out: tuple) -> tuple:
+  return out[0], out[1:]
 
 
 class Transformer(nnx.Module):
@@ -177,6 +196,32 @@ class Transformer(nnx.Module):
     if intermediates:
       return x, Intermediates(tuple(streams), tuple(attentions))
     return x
+
+  def decode(self, tokens: jax.Array, *, positions: jax.Array, token_mask: jax.Array,
+             cache: kv_cache.KVCache) -> tuple[jax.Array, kv_cache.KVCache]:
+    """Generation's forward pass: T new tokens per row [B,T] through the cache.
+
+    Their keys and values go into `cache` at each row's cursor (`token_mask` [B,T] 0 marks
+    left padding, never attended to); each token attends to its row's earlier valid slots.
+    Prefill is a call with the (padded) prompt, each decode step one with T = 1. Returns the
+    logits [B,V] float32 of the last new token of each row, the only ones sampling needs,
+    and the updated cache. Decoders only.
+    """
+    if not self.causal:
+      raise ValueError(f'decode needs a causal family; {self.config.family} is an encoder')
+    c = self.config
+    valid = kv_cache.write(cache.valid, token_mask.astype(jnp.bool_), cache.cursor)
+    mask = kv_cache.visible(valid, cache.cursor, tokens.shape[1], c.sliding_window)
+    x = self.embed(tokens, positions=positions)
+    keys, values = [], []
+    for block, k, v in zip(self.blocks, cache.keys, cache.values, strict=True):
+      x, (k, v) = block.decode(x, positions=positions, mask=mask, cursor=cache.cursor,
+                               keys=k, values=v)
+      keys.append(k)
+      values.append(v)
+    logits = self.unembed(x[:, -1:])[:, 0]
+    cursor = cache.cursor + tokens.shape[1]
+    return logits, kv_cache.KVCache(tuple(keys), tuple(values), valid, cursor)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Logits [B,T,V] from final hidden states, accumulated and returned in float32."""
