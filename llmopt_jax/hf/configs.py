@@ -1,9 +1,10 @@
 """Hugging Face `config.json` <-> `TransformerConfig` (+ classification head), per family.
 
 HF names the architecture in `architectures` (the task class) and `model_type`; the sizes use
-per-family keys (`hidden_size` / `n_embd`, ...). Settings we do not model (RoPE scaling,
-Qwen2's per-layer sliding windows, an o_proj bias, relative positions) fail here with the key
-named, rather than loading into a model that silently computes something else.
+per-family keys (`hidden_size` / `n_embd`, ...). Settings we do not model (RoPE scaling other
+than Llama 3's, Qwen2/3's per-layer sliding windows, an o_proj bias, relative positions) fail
+here with the key named, rather than loading into a model that silently computes something else.
+Qwen3 is a llama with per-head q/k norms (`qk_norm`); Llama 3.1+ adds RoPE frequency scaling.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from llmopt_jax.models.heads import HeadConfig
 # HF class -> (our family, what it is). 'base' has no head, 'lm' an LM head, 'classifier' a
 # sequence-classification head.
 ARCHITECTURES: dict[str, tuple[str, str]] = {
-    **{f'{m}{task}': ('llama', kind) for m in ('Llama', 'Mistral', 'Qwen2')
+    **{f'{m}{task}': ('llama', kind) for m in ('Llama', 'Mistral', 'Qwen2', 'Qwen3')
        for task, kind in (('Model', 'base'), ('ForCausalLM', 'lm'),
                           ('ForSequenceClassification', 'classifier'))},
     'GPT2Model': ('gpt2', 'base'), 'GPT2LMHeadModel': ('gpt2', 'lm'),
@@ -27,8 +28,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     'BertForPreTraining': ('bert', 'base'),
     'BertForSequenceClassification': ('bert', 'classifier'),
 }
-MODEL_TYPES = {'llama': 'llama', 'mistral': 'llama', 'qwen2': 'llama', 'gpt2': 'gpt2',
-               'bert': 'bert'}
+MODEL_TYPES = {'llama': 'llama', 'mistral': 'llama', 'qwen2': 'llama', 'qwen3': 'llama',
+               'gpt2': 'gpt2', 'bert': 'bert'}
 # The pooling each HF classifier class uses.
 HF_POOLING = {'llama': 'last', 'gpt2': 'last', 'bert': 'cls'}
 
@@ -55,28 +56,59 @@ def _expect(hf: Mapping[str, Any], key: str, allowed: tuple, default: Any) -> No
     _fail(key, hf.get(key), f'only {allowed} is supported')
 
 
-def _llama(hf: Mapping[str, Any]) -> dict[str, Any]:
-  heads = hf['num_attention_heads']
-  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+_LLAMA3_KEYS = {'factor': 'rope_scaling_factor', 'low_freq_factor': 'rope_low_freq_factor',
+                'high_freq_factor': 'rope_high_freq_factor',
+                'original_max_position_embeddings': 'rope_original_max_positions'}
+
+
+def _rope(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """Our RoPE fields, found where transformers 5 looks: the legacy `rope_scaling` before
+  `rope_parameters`, `rope_theta` in that dict before the top-level key."""
+  key = 'rope_scaling' if hf.get('rope_scaling') else 'rope_parameters'
+  rope = hf.get(key) or {}
+  if any(isinstance(value, Mapping) for value in rope.values()):
+    _fail(key, rope, 'RoPE parameters per layer type are not supported')
+  partial = rope.get('partial_rotary_factor', hf.get('partial_rotary_factor'))
+  if partial not in (None, 1, 1.0):
+    _fail('partial_rotary_factor', partial, 'only (None, 1.0) is supported')
+  fields = {'rope_theta': float(rope.get('rope_theta', hf.get('rope_theta', 10000.0)))}
   rope_type = rope.get('rope_type', rope.get('type', 'default'))
-  if rope_type != 'default':
-    _fail('rope_parameters.rope_type', rope_type, "only 'default' RoPE is supported")
+  if rope_type == 'default':
+    return fields
+  if rope_type != 'llama3':
+    _fail(f'{key}.rope_type', rope_type, "supported: 'default', 'llama3'")
+  # A top-level original_max_position_embeddings (Phi-3's place) wins over the dict's, and
+  # max_position_embeddings stands in for a missing one, as in `standardize_rope_params`.
+  rope = {'original_max_position_embeddings': hf.get('max_position_embeddings'), **rope}
+  if hf.get('original_max_position_embeddings') is not None:
+    rope['original_max_position_embeddings'] = hf['original_max_position_embeddings']
+  for name, ours in _LLAMA3_KEYS.items():
+    value = rope.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      _fail(f'{key}.{name}', value, "a number is required by rope_type 'llama3'")
+    fields[ours] = value if ours == 'rope_original_max_positions' else float(value)
+  return fields
+
+
+def _llama(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """Llama 2/3, Mistral, Qwen2 (q/k/v biases) and Qwen3 (q/k norms, explicit head_dim)."""
+  heads = hf['num_attention_heads']
   _expect(hf, 'hidden_act', ('silu',), 'silu')
   _expect(hf, 'mlp_bias', (False,), False)
-  _expect(hf, 'partial_rotary_factor', (None, 1, 1.0), None)
-  qwen2 = hf.get('model_type') == 'qwen2'
-  if qwen2:
+  model_type = hf.get('model_type')
+  if model_type in ('qwen2', 'qwen3'):
     _expect(hf, 'use_sliding_window', (False,), False)
-  else:
-    _expect(hf, 'attention_bias', (False,), False)  # Llama's would put a bias on o_proj too
-  window = hf.get('sliding_window') if hf.get('model_type') == 'mistral' else None
+  if model_type != 'qwen2':  # Llama's and Qwen3's attention_bias put a bias on o_proj too
+    _expect(hf, 'attention_bias', (False,), False)
+  window = hf.get('sliding_window') if model_type == 'mistral' else None
+  # Qwen3Config's head_dim defaults to 128, the others' to hidden_size // heads.
+  head_dim = hf.get('head_dim') or (128 if model_type == 'qwen3' else hf['hidden_size'] // heads)
   return dict(
       family='llama', embed_dim=hf['hidden_size'], num_layers=hf['num_hidden_layers'],
-      num_heads=heads, num_kv_heads=hf.get('num_key_value_heads') or heads,
-      head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
-      mlp_dim=hf['intermediate_size'], norm_eps=hf.get('rms_norm_eps', 1e-6),
-      rope_theta=float(rope.get('rope_theta', hf.get('rope_theta', 10000.0))),
-      tie_embeddings=bool(hf.get('tie_word_embeddings', False)), attention_bias=qwen2,
+      num_heads=heads, num_kv_heads=hf.get('num_key_value_heads') or heads, head_dim=head_dim,
+      mlp_dim=hf['intermediate_size'], norm_eps=hf.get('rms_norm_eps', 1e-6), **_rope(hf),
+      tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      attention_bias=model_type == 'qwen2', qk_norm=model_type == 'qwen3',
       sliding_window=window or 0, attention_dropout_rate=hf.get('attention_dropout', 0.0))
 
 
@@ -127,23 +159,38 @@ def config_from_hf(hf: Mapping[str, Any]) -> TransformerConfig:
 
 
 # Our family (and, for llama, its variant) -> HF model_type and class-name stem.
-_HF_NAMES = {'llama': 'Llama', 'mistral': 'Mistral', 'qwen2': 'Qwen2', 'gpt2': 'GPT2',
-             'bert': 'Bert'}
+_HF_NAMES = {'llama': 'Llama', 'mistral': 'Mistral', 'qwen2': 'Qwen2', 'qwen3': 'Qwen3',
+             'gpt2': 'GPT2', 'bert': 'Bert'}
 
 
 def _export_error(field: str, why: str) -> None:
   raise ValueError(f'cannot export to Hugging Face: {field}: {why}')
 
 
+def _rope_to_hf(c: TransformerConfig) -> dict[str, Any]:
+  if not c.rope_scaling_factor:
+    return {'rope_type': 'default', 'rope_theta': c.rope_theta}
+  return {'rope_type': 'llama3', 'rope_theta': c.rope_theta,
+          **{name: getattr(c, ours) for name, ours in _LLAMA3_KEYS.items()}}
+
+
 def _llama_to_hf(c: TransformerConfig) -> tuple[str, dict[str, Any]]:
-  model_type = 'qwen2' if c.attention_bias else 'mistral' if c.sliding_window else 'llama'
+  model_type = ('qwen3' if c.qk_norm else 'qwen2' if c.attention_bias else
+                'mistral' if c.sliding_window else 'llama')
   fields = dict(
       hidden_size=c.embed_dim, intermediate_size=c.mlp_dim, num_hidden_layers=c.num_layers,
       num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
       head_dim=c.head_dim, rms_norm_eps=c.norm_eps, hidden_act='silu',
-      rope_parameters={'rope_type': 'default', 'rope_theta': c.rope_theta},
-      rope_theta=c.rope_theta, attention_dropout=c.attention_dropout_rate)
-  if model_type == 'qwen2':
+      rope_parameters=_rope_to_hf(c), rope_theta=c.rope_theta,
+      attention_dropout=c.attention_dropout_rate)
+  if model_type == 'qwen3':
+    if c.attention_bias:
+      _export_error('TransformerConfig.attention_bias', "HF Qwen3's also puts a bias on o_proj")
+    if c.sliding_window:
+      _export_error('TransformerConfig.sliding_window',
+                    'HF Qwen3 slides only the layers past max_window_layers')
+    fields.update(attention_bias=False, use_sliding_window=False)
+  elif model_type == 'qwen2':
     if c.sliding_window:
       _export_error('TransformerConfig.sliding_window', 'Qwen2 (attention_bias) has none')
     if c.head_dim * c.num_heads != c.embed_dim:

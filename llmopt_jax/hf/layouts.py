@@ -5,7 +5,8 @@ One explicit table per family, in HF's names relative to the base model (`LlamaM
   linear  torch.nn.Linear weight [out, in]: our kernel is its transpose, reshaped
           (q_proj [N*H, D] -> q [D, N, H]; o_proj [D, N*H] -> o [N, H, D]).
   conv1d  GPT-2's Conv1D weight, already [in, out]: reshaped only.
-  vector  a bias or norm gain [n]: reshaped (q_proj.bias [N*H] -> q_bias [N, H]).
+  vector  a bias or norm gain [n]: reshaped (q_proj.bias [N*H] -> q_bias [N, H]; Qwen3's
+          q_norm.weight [H] -> q_norm scale [H]).
   table   an embedding table [rows, D]: as is.
 An HF tensor may hold several of our parameters side by side along its output features
 (GPT-2's fused c_attn is q, k and v): they are split on import and concatenated on export.
@@ -59,6 +60,9 @@ def _llama_layer(c: TransformerConfig, hf: str, ours: Path) -> list[Tensor]:
       bias = ours + ('attn', f'{name}_bias', 'bias')
       t.append(_vector(f'{hf}.self_attn.{name}_proj.bias', bias))
   t.append(Tensor(f'{hf}.self_attn.o_proj.weight', (ours + ('attn', 'o'),), 'linear', 2))
+  if c.qk_norm:  # Qwen3: one gain [H] each, shared by all heads
+    for name in 'qk':
+      t += _norm(f'{hf}.self_attn.{name}_norm', ours + ('attn', f'{name}_norm'), 'rms')
   for name in ('gate', 'up', 'down'):
     t.append(Tensor(f'{hf}.mlp.{name}_proj.weight', (ours + ('mlp', name),), 'linear'))
   return t

@@ -19,6 +19,7 @@ from flax import nnx
 
 from llmopt_jax import sharding
 from llmopt_jax.models import families
+from llmopt_jax.models import kv_cache
 from llmopt_jax.models import layers
 from llmopt_jax.models.config import TransformerConfig
 
@@ -59,6 +60,9 @@ class Attention(nnx.Module):
     family = families.get(c.family)
     self.num_kv_heads = c.num_kv_heads
     self.rope_theta = c.rope_theta if family.positions == 'rope' else None
+    self.rope_scaling = layers.RopeScaling(
+        c.rope_scaling_factor, c.rope_low_freq_factor, c.rope_high_freq_factor,
+        c.rope_original_max_positions) if c.rope_scaling_factor else None
     self.dtype = jnp.dtype(c.dtype)
     pdtype = jnp.dtype(c.param_dtype)
     init = layers.normal(c.init_std)
@@ -77,11 +81,16 @@ class Attention(nnx.Module):
     self.k_bias = bias((k, h), ('kv_heads', 'kv')) if qkv_bias else None
     self.v_bias = bias((k, h), ('kv_heads', 'kv')) if qkv_bias else None
     self.o_bias = bias((d,), ('embed',)) if family.bias else None
+    # Qwen3's q/k norms: over each head's H features, one gain [H] shared by all heads.
+    norm = functools.partial(layers.RMSNorm, h, eps=c.norm_eps, dtype=self.dtype,
+                             param_dtype=pdtype, rngs=rngs, axis='kv')
+    self.q_norm = norm() if c.qk_norm else None
+    self.k_norm = norm() if c.qk_norm else None
 
   def project_qkv(self, x: jax.Array, positions: jax.Array
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Queries [B,T,N,H] and keys, values [B,S,K,H]; RoPE on queries and keys if the family
-    uses it."""
+    """Queries [B,T,N,H] and keys, values [B,S,K,H]; q/k norms (Qwen3) and then RoPE on
+    queries and keys where the config has them."""
     x = x.astype(self.dtype)
     q = layers.contract('BTD,DNH->BTNH', x, self.q, self.dtype)
     k = layers.contract('BSD,DKH->BSKH', x, self.k, self.dtype)
@@ -89,9 +98,11 @@ class Attention(nnx.Module):
     q = layers.maybe_bias(q, self.q_bias)
     k = layers.maybe_bias(k, self.k_bias)
     v = layers.maybe_bias(v, self.v_bias)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
     if self.rope_theta is not None:
-      q = layers.apply_rope(q, positions, self.rope_theta)
-      k = layers.apply_rope(k, positions, self.rope_theta)
+      q = layers.apply_rope(q, positions, self.rope_theta, self.rope_scaling)
+      k = layers.apply_rope(k, positions, self.rope_theta, self.rope_scaling)
     q = sharding.constrain(q, ('batch', 'length', 'heads', 'kv'))
     k = sharding.constrain(k, ('batch', 'length', 'kv_heads', 'kv'))
     v = sharding.constrain(v, ('batch', 'length', 'kv_heads', 'kv'))
@@ -121,8 +132,26 @@ class Attention(nnx.Module):
     q, k, v = self.project_qkv(x, positions)
     probs = self.probabilities(q, k, mask)  # [B, K, G, T, S]
     dropped = self.dropout(probs, deterministic=rngs is None, rngs=rngs)
-    out = jnp.einsum('BKGTS,BSKH->BTKGH', dropped.astype(self.dtype), v)
+    b, k_heads, g, t, _ = probs.shape
+    return self.combine(dropped, v), probs.reshape(b, k_heads * g, t, -1)
+
+  def combine(self, probs: jax.Array, v: jax.Array) -> jax.Array:
+    """The output [B,T,D]: values [B,S,K,H] averaged by `probs` [B,K,G,T,S], heads merged."""
+    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(self.dtype), v)
     b, t, k_heads, g, h = out.shape
     out = out.reshape(b, t, k_heads * g, h)  # [B, T, N, H], query head n = k * G + g
     out = layers.contract('BTNH,NHD->BTD', out, self.o, self.dtype)
-    return layers.maybe_bias(out, self.o_bias), probs.reshape(b, k_heads * g, t, -1)
+    return layers.maybe_bias(out, self.o_bias)
+
+  def cached(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array, cursor: jax.Array,
+             keys: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attention of T new tokens `x` [B,T,D] over a layer's cache (`models.kv_cache`).
+
+    Their keys and values are written into `keys`, `values` [B,S,K,H] at slots `cursor` [B]
+    onwards, then the queries attend to the slots `mask` [B,T,S] allows. Returns the output
+    [B,T,D] and the updated buffers. Deterministic: generation runs no dropout.
+    """
+    q, k, v = self.project_qkv(x, positions)
+    keys = kv_cache.write(keys, k, cursor)
+    values = kv_cache.write(values, v, cursor)
+    return self.combine(self.probabilities(q, keys, mask), values), keys, values

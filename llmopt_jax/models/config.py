@@ -19,7 +19,8 @@ from llmopt_jax.models import families
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 _POSITIVE_INTS = (
-    'vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim')
+    'vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim',
+    'rope_original_max_positions')
 _NON_NEGATIVE_INTS = ('max_positions', 'type_vocab_size', 'sliding_window')
 
 
@@ -35,6 +36,14 @@ class TransformerConfig:
   head_dim: int = 16  # H; need not equal embed_dim // num_heads (Gemma-style freedom).
   mlp_dim: int = 192  # F, MLP hidden width: SwiGLU ~8/3 D has the params of a 4D GELU MLP.
   rope_theta: float = 10000.0  # RoPE base; Llama 3 raises it to 500k for long contexts.
+  # Llama 3.1+ RoPE frequency scaling (HF rope_type 'llama3', see layers.RopeScaling): low
+  # frequencies are divided by `rope_scaling_factor`, high ones kept, those between blended.
+  # 0 turns it off; the other three fields then do nothing (their defaults are the values of
+  # every Llama 3.x checkpoint).
+  rope_scaling_factor: float = 0.0
+  rope_low_freq_factor: float = 1.0  # Wavelengths above original / this are scaled fully.
+  rope_high_freq_factor: float = 4.0  # Wavelengths below original / this are not scaled.
+  rope_original_max_positions: int = 8192  # The context length of pretraining.
   norm_eps: float = 1e-5
   tie_embeddings: bool = True  # Logits through the embedding table (saves V*D params).
   dropout_rate: float = 0.0  # On each residual branch; pretraining at scale uses 0.
@@ -45,6 +54,9 @@ class TransformerConfig:
   # Block structure: 'llama', 'gpt2' or 'bert' (see families.py for what each one fixes).
   family: str = 'llama'
   attention_bias: bool = False  # q/k/v biases on a llama-family model (Qwen2).
+  # RMSNorm over each head's features of q and k, before RoPE, on a llama-family model
+  # (Qwen3): it bounds the attention logits, which otherwise grow and spike in training.
+  qk_norm: bool = False
   max_positions: int = 0  # Size of the learned position table (gpt2, bert); RoPE needs none.
   type_vocab_size: int = 0  # BERT's token-type (segment A/B) embeddings; 0: none.
   sliding_window: int = 0  # Mistral v0.1: a query sees the last this-many keys; 0: all.
@@ -77,6 +89,10 @@ class TransformerConfig:
     if self.attention_bias and self.family != 'llama':
       raise ValueError(f'TransformerConfig.attention_bias is for family llama; {self.family} '
                        f'always has attention biases')
+    if self.qk_norm and self.family != 'llama':
+      raise ValueError(f'TransformerConfig.qk_norm is for family llama, got family '
+                       f'{self.family!r}')
+    self._check_rope_scaling(family)
     if self.sliding_window and not family.causal:
       raise ValueError(f'TransformerConfig.sliding_window is for causal families, got '
                        f'{self.sliding_window} with family {self.family!r}')
@@ -91,6 +107,21 @@ class TransformerConfig:
       if getattr(self, name) not in DTYPES:
         raise ValueError(
             f'TransformerConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}')
+
+  def _check_rope_scaling(self, family: families.Family) -> None:
+    if not self.rope_scaling_factor >= 0:
+      raise ValueError(f'TransformerConfig.rope_scaling_factor must be >= 0 (0: off), got '
+                       f'{self.rope_scaling_factor!r}')
+    if self.rope_scaling_factor and family.positions != 'rope':
+      raise ValueError(f'TransformerConfig.rope_scaling_factor is for RoPE (family llama), got '
+                       f'family {self.family!r}')
+    if not self.rope_low_freq_factor > 0:
+      raise ValueError(f'TransformerConfig.rope_low_freq_factor must be > 0, got '
+                       f'{self.rope_low_freq_factor!r}')
+    if not self.rope_high_freq_factor > self.rope_low_freq_factor:
+      raise ValueError(
+          f'TransformerConfig.rope_high_freq_factor ({self.rope_high_freq_factor!r}) must be > '
+          f'rope_low_freq_factor ({self.rope_low_freq_factor!r})')
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> TransformerConfig:
@@ -121,11 +152,13 @@ PRESETS: dict[str, TransformerConfig] = {
     'base': TransformerConfig(
         vocab_size=32000, num_layers=12, embed_dim=768, num_heads=12, num_kv_heads=12,
         head_dim=64, mlp_dim=3072),
-    # Shapes of Llama-3.2-1B, for memory and FLOP planning and for weight import (its
-    # 'llama3' RoPE frequency scaling for 128k contexts is not modelled).
+    # Llama-3.2-1B, for memory and FLOP planning and for weight import, with its 'llama3'
+    # RoPE frequency scaling (factor 32 over a pretraining context of 8192) for 128k contexts.
     'llama_1b': TransformerConfig(
         vocab_size=128256, num_layers=16, embed_dim=2048, num_heads=32, num_kv_heads=8,
-        head_dim=64, mlp_dim=8192, rope_theta=500000.0, tie_embeddings=True),
+        head_dim=64, mlp_dim=8192, rope_theta=500000.0, tie_embeddings=True,
+        rope_scaling_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+        rope_original_max_positions=8192),
     # Shapes of Llama-2-7B (MHA, untied output layer).
     'llama_7b': TransformerConfig(
         vocab_size=32000, num_layers=32, embed_dim=4096, num_heads=32, num_kv_heads=32,

@@ -11,7 +11,9 @@ Axis letters used in the einsums and shape comments:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -125,10 +127,11 @@ class RMSNorm(nnx.Module):
   """
 
   def __init__(self, dim: int, *, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, axis: str = 'embed'):
     self.eps = eps
     self.dtype = dtype
-    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), param_dtype, ('embed',))
+    # `axis`: the logical axis normalised over ('kv' for Qwen3's per-head q/k norms).
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), param_dtype, (axis,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
@@ -164,16 +167,46 @@ def make_norm(kind: str, dim: int, *, eps: float, dtype: jnp.dtype, param_dtype:
   return cls(dim, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama 3.1's RoPE frequency scaling (Hugging Face rope_type 'llama3').
+
+  A rotation whose wavelength 2 pi / freq exceeds original_max_positions / low_freq_factor
+  never completed a turn within the pretraining context, so its angles beyond that context
+  are new to the model: it is slowed `factor` times, putting `factor` times longer contexts on
+  angles seen in pretraining. Wavelengths below original_max_positions / high_freq_factor
+  (fast rotations, which carry local order) are kept. Those between blend the two, linearly in
+  original_max_positions / wavelength. Clipping that blend weight to [0, 1] gives exactly the
+  three cases of transformers' `_compute_llama3_parameters`.
+  """
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_positions: int
+
+  def __call__(self, inv_freq: jax.Array) -> jax.Array:
+    wavelength = 2 * math.pi / inv_freq
+    keep = (self.original_max_positions / wavelength - self.low_freq_factor) / (
+        self.high_freq_factor - self.low_freq_factor)
+    keep = jnp.clip(keep, 0.0, 1.0)  # 0: slowed by `factor`, 1: unchanged
+    return (1 - keep) * inv_freq / self.factor + keep * inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
+               scaling: RopeScaling | None = None) -> jax.Array:
   """Rotary position embedding (Su et al. 2021, RoFormer) of `x` [B, T, heads, H].
 
-  Feature pairs (i, i + H/2) are rotated by the angle position * theta^(-2i/H). The rotation
-  of q at position m and k at position n makes q.k depend only on m - n. We pair the two
-  halves of the head (the GPT-NeoX / Hugging Face Llama layout) rather than adjacent features,
-  so Hugging Face Llama checkpoints load without permuting their q/k weights.
+  Feature pairs (i, i + H/2) are rotated by the angle position * theta^(-2i/H), those
+  frequencies first passed through `scaling` when given (Llama 3.1+). The rotation of q at
+  position m and k at position n makes q.k depend only on m - n. We pair the two halves of
+  the head (the GPT-NeoX / Hugging Face Llama layout) rather than adjacent features, so
+  Hugging Face Llama checkpoints load without permuting their q/k weights.
   """
   half = x.shape[-1] // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+  if scaling is not None:
+    inv_freq = scaling(inv_freq)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
   sin = jnp.sin(angles)[:, :, None, :]  # [B, T, 1, H/2], broadcast over heads
   cos = jnp.cos(angles)[:, :, None, :]
