@@ -32,6 +32,7 @@ from llmopt_jax.inference.sampling import SamplingParams, row_settings
 from llmopt_jax.models.config import TransformerConfig
 
 MIN_BUCKET = 16
+STOP_CHECK_STEPS = 16
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -101,9 +102,10 @@ class Engine:
       raise ValueError(f'prompt token ids must lie in [0, {self.config.vocab_size})')
 
   def generate(self, prompts: Sequence[np.ndarray], params: Sequence[SamplingParams], *,
-               continuous: bool = True) -> list[Generated]:
+               continuous: bool = True, should_stop=None) -> list[Generated]:
     """Every prompt's output, in order; checked first, so a bad request fails before any
-    work."""
+    work. `should_stop(index, tokens)` may end a row early (continuous batching only; a
+    caller cuts static outputs itself)."""
     if len(prompts) != len(params):
       raise ValueError(f'{len(prompts)} prompts but {len(params)} sampling settings')
     prompts = [np.asarray(p, np.int32) for p in prompts]
@@ -112,7 +114,7 @@ class Engine:
     if not prompts:
       return []
     if continuous:
-      return self._continuous(prompts, params)
+      return self._continuous(prompts, params, should_stop)
     out = []
     for start in range(0, len(prompts), self.max_batch):
       out += self._static(prompts[start:start + self.max_batch],
@@ -164,8 +166,8 @@ class Engine:
     ended = count > 0 and bool(np.isin(tokens[-1], np.asarray(self.eos)))
     return Generated(tokens, logprobs, 'stop' if ended else 'length')
 
-  def _continuous(self, prompts: list[np.ndarray], params: Sequence[SamplingParams]
-                  ) -> list[Generated]:
+  def _continuous(self, prompts: list[np.ndarray], params: Sequence[SamplingParams],
+                  should_stop=None) -> list[Generated]:
     slots = Slots(self, prompt_length=bucket(max(len(p) for p in prompts)),
                   output_length=bucket(max(p.max_new_tokens for p in params)))
     waiting = collections.deque(range(len(prompts)))
@@ -174,5 +176,7 @@ class Engine:
       while waiting and slots.free:
         i = waiting.popleft()
         slots.admit(i, prompts[i], params[i])
-      results.update(slots.advance(slots.output_length))
+      # With stop strings, look at the text every few steps so a stopped row frees its slot.
+      steps = STOP_CHECK_STEPS if should_stop else slots.output_length
+      results.update(slots.advance(steps, should_stop))
     return [results[i] for i in range(len(prompts))]
