@@ -221,7 +221,7 @@ def test_pickled_checkpoints_are_refused_unopened(llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize('fields, key', [
-    (dict(rope_parameters={'rope_type': 'llama3', 'rope_theta': 5e5}), 'rope_type'),
+    (dict(rope_parameters={'rope_type': 'yarn', 'rope_theta': 5e5}), 'rope_type'),
     (dict(hidden_act='gelu'), 'hidden_act'),
     (dict(architectures=['T5Model']), 'architectures'),
 ])

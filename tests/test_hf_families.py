@@ -19,7 +19,7 @@ from flax import nnx
 import tolerances
 from llmopt_jax import hf
 from llmopt_jax.hf import configs
-from llmopt_jax.models import TransformerConfig, get_preset, layers
+from llmopt_jax.models import TransformerConfig, get_preset, layers, stats
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -102,6 +102,9 @@ def test_import_matches_transformers_and_export_round_trips(name, tmp_path):
   # The same parameters (HF counts a tied matrix once), the q/k norm gains included.
   assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == sum(
       p.numel() for p in reference.parameters())
+  backbone = model.backbone if CASES[name][3] == 'classes' else model
+  assert stats.count_params(config) == sum(
+      p.size for p in jax.tree.leaves(nnx.state(backbone, nnx.Param)))
   # Split at a jit boundary as training does: the config's new fields are static and hashable.
   graphdef, state = nnx.split(model)
   jitted = jax.jit(lambda s, x, m: nnx.merge(graphdef, s)(x, padding_mask=m))

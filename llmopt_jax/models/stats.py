@@ -40,6 +40,7 @@ def count_params(config: TransformerConfig) -> int:
   lm_head = _output_params(c) if not c.tie_embeddings else 0
   # Two per block and one more: the final norm (pre-norm) or the embedding norm (post-norm).
   norms = (2 * c.num_layers + 1) * c.embed_dim * (2 if family.norm == 'layer' else 1)
+  norms += c.num_layers * 2 * c.head_dim if c.qk_norm else 0  # Qwen3's q and k norms
   layers = c.num_layers * (_layer_matmul_params(c) + _layer_bias_params(c))
   return tables + lm_head + layers + norms
 
