@@ -5,8 +5,8 @@
     logits = model(**batch)
     hf.export(model, config, 'runs/ft/hf', tokenizer_dir=hf.minilm_path())
 
-Families: Llama/Mistral/Qwen2, GPT-2, BERT (see `configs.ARCHITECTURES`). No PyTorch, and
-nothing is ever unpickled.
+Families: Llama (with Llama 3.x RoPE scaling), Mistral, Qwen2, Qwen3, GPT-2, BERT (see
+`configs.ARCHITECTURES`). No PyTorch, and nothing is ever unpickled.
 """
 
 from llmopt_jax.hf.configs import config_from_hf

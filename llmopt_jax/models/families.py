@@ -4,7 +4,7 @@ Llama, GPT-2 and BERT are the same stack of attention and MLP blocks; they diffe
 of choices that are fixed per family, not tuned per run. Keeping them here, looked up by
 `TransformerConfig.family`, means one model implementation serves all three and a config only
 carries the few knobs that really vary between checkpoints of one family (sizes, RoPE theta,
-tied embeddings, Qwen2's attention biases).
+tied embeddings, Qwen2's attention biases, Qwen3's q/k norms, Llama 3's RoPE scaling).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    # Llama 2/3, Mistral, Qwen2 (Touvron et al. 2023).
+    # Llama 2/3, Mistral, Qwen2, Qwen3 (Touvron et al. 2023).
     'llama': Family(norm='rms', post_norm=False, positions='rope', activation='silu',
                     gated_mlp=True, bias=False, causal=True),
     # GPT-2 (Radford et al. 2019): HF's `gelu_new` is the tanh approximation of GELU.
