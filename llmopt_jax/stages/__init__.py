@@ -25,6 +25,7 @@ STAGES = {
     'qat': 'llmopt_jax.stages.qat',
     'prune': 'llmopt_jax.stages.prune',
     'compress': 'llmopt_jax.stages.compress',
+    'predict': 'llmopt_jax.stages.predict',
 }
 
 

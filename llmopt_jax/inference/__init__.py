@@ -1,0 +1,1 @@
+"""Running trained models: one loader for every kind of model path, and batched inference."""
