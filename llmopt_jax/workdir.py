@@ -34,11 +34,12 @@ LOCK = 'lock'
 CONFIG = 'config.json'
 HISTORY = 'config_history.jsonl'
 # Fields a resumed run may change: how long and how often it trains, evaluates and saves,
-# where it runs, and the configs of sub-runs (each checked in its own workdir).
+# where it runs, the configs of sub-runs (each checked in its own workdir), and how inference
+# batches its work (results do not depend on it).
 COMPATIBLE = ('train.num_steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
               'checkpoint.', 'early_stopping.patience', 'mesh.', 'test_batches', 'export',
               'data.tfds_data_dir', 'data.num_shards', 'variants', 'teacher.config.',
-              'source.config.', 'sparsities', 'quant_variants')
+              'source.config.', 'sparsities', 'quant_variants', 'batch_size', 'engine.')
 _FINISHED = ('summary.json', 'model.json', 'report.json')
 
 _held: dict[str, int] = {}  # lock file -> open descriptor, for the locks this process holds

@@ -92,21 +92,22 @@ def _assert_greedy_agrees(ours, theirs, scores, tol):
       assert np.all(theirs[row, n:] == 0), 'transformers went on past our stop'
 
 
-@pytest.mark.parametrize('continuous', [False, True], ids=['static', 'continuous'])
-def test_greedy_generation_matches_transformers(checkpoint, continuous):
+def test_greedy_generation_matches_transformers(checkpoint):
+  """Static and continuous batching both: the same tokens as `generate`, and log-probs that
+  are transformers' log-softmax of its own scores."""
   reference, engine = checkpoint
   prompts = _prompts()
   theirs, scores = _transformers_generate(reference, prompts)
-  ours = engine.generate(prompts, [SamplingParams(max_new_tokens=NEW)] * len(prompts),
-                         continuous=continuous)
   tol = tolerances.sum_tolerance(tolerances.forward_terms(engine.config, 64), 1.0)
-  _assert_greedy_agrees(ours, theirs, scores, tol)
-  # The reported log-probabilities are transformers' log-softmax of its own scores.
-  for row, generated in enumerate(ours):
-    n = min(len(generated.tokens), 3)
-    expected = torch.log_softmax(torch.tensor(scores[row, :n]), -1).numpy()
-    np.testing.assert_allclose(
-        generated.logprobs[:n], expected[np.arange(n), generated.tokens[:n]], atol=1e-4)
+  for continuous in (False, True):
+    ours = engine.generate(prompts, [SamplingParams(max_new_tokens=NEW)] * len(prompts),
+                           continuous=continuous)
+    _assert_greedy_agrees(ours, theirs, scores, tol)
+    for row, generated in enumerate(ours):
+      n = min(len(generated.tokens), 3)
+      expected = torch.log_softmax(torch.tensor(scores[row, :n]), -1).numpy()
+      np.testing.assert_allclose(
+          generated.logprobs[:n], expected[np.arange(n), generated.tokens[:n]], atol=1e-4)
 
 
 def test_cached_decode_logits_equal_the_full_forward_at_every_position():
@@ -122,11 +123,12 @@ def test_cached_decode_logits_equal_the_full_forward_at_every_position():
   padded = jnp.concatenate([jnp.zeros((rows, pad), jnp.int32), tokens[:, :prefix]], axis=1)
   mask = jnp.concatenate([jnp.zeros((rows, pad)), jnp.ones((rows, prefix))], axis=1)
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-  logits, cache = model.decode(padded, positions=positions, token_mask=mask, cache=cache)
+  decode = nnx.jit(lambda m, *args, **kw: m.decode(*args, **kw))
+  logits, cache = decode(model, padded, positions=positions, token_mask=mask, cache=cache)
   steps = [logits]
   for t in range(prefix, length - 1):
-    logits, cache = model.decode(tokens[:, t:t + 1], positions=jnp.full((rows, 1), t),
-                                 token_mask=jnp.ones((rows, 1)), cache=cache)
+    logits, cache = decode(model, tokens[:, t:t + 1], positions=jnp.full((rows, 1), t),
+                           token_mask=jnp.ones((rows, 1)), cache=cache)
     steps.append(logits)
   cached = jnp.stack(steps, axis=1)  # logits at positions prefix-1 .. length-2
   reference = full[:, prefix - 1:length - 1]
