@@ -26,6 +26,7 @@ STAGES = {
     'prune': 'llmopt_jax.stages.prune',
     'compress': 'llmopt_jax.stages.compress',
     'predict': 'llmopt_jax.stages.predict',
+    'serve': 'llmopt_jax.stages.serve',
 }
 
 
