@@ -20,6 +20,7 @@ stops at its turn's end instead of running on into a made-up next turn.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -87,6 +88,15 @@ def end_ids(directory: str | None, tokenizer_eos: int | None) -> list[int]:
       value = _read_json(os.path.join(directory, name)).get('eos_token_id')
       ids += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
   return sorted(set(ids))
+
+
+def model_end_ids(model) -> list[int]:
+  """`end_ids` of a `LoadedModel`: its tokenizer's end token (if it has one) and those of
+  its config files, so an instruct model also stops at its end-of-turn token."""
+  tokenizer_eos = None
+  with contextlib.suppress(ValueError):  # an HF tokenizer without an end token raises
+    tokenizer_eos = model.tokenizer.eos_id
+  return end_ids(model.tokenizer_dir, tokenizer_eos)
 
 
 def _token_text(token: Any) -> str | None:

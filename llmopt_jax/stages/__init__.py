@@ -27,6 +27,7 @@ STAGES = {
     'compress': 'llmopt_jax.stages.compress',
     'predict': 'llmopt_jax.stages.predict',
     'serve': 'llmopt_jax.stages.serve',
+    'generate': 'llmopt_jax.stages.generate',
 }
 
 

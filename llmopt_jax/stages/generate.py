@@ -25,7 +25,7 @@ import ml_collections
 
 from llmopt_jax import report, sharding, stages, workdir as workdir_lib
 from llmopt_jax.data import utf8
-from llmopt_jax.inference import loading, text_rows
+from llmopt_jax.inference import chat, loading, text_rows
 from llmopt_jax.inference.engine import Engine
 from llmopt_jax.inference.sampling import SamplingParams
 from llmopt_jax.inference.text import TextGenerator
@@ -48,9 +48,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   seconds = time.perf_counter() - started
   _write_lines(os.path.join(workdir, OUTPUT), [c.to_json() for c in completions])
   new_tokens = sum(len(c.tokens) for c in completions)
-  summary = dict(prompts=len(prompts), new_tokens=new_tokens, seconds=seconds,
-                 tokens_per_second=new_tokens / seconds, batching=config.engine.batching,
-                 compiled_programs=generator.engine.stats['compiles'])
+  summary = {'prompts': len(prompts), 'new_tokens': new_tokens, 'seconds': seconds,
+             'tokens_per_second': new_tokens / seconds, 'batching': config.engine.batching,
+             'compiled_programs': generator.engine.stats['compiles']}
   with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
     json.dump(summary, f, indent=2)
   report.say(f'{len(prompts)} completions, {new_tokens} new tokens in {seconds:.1f} s '
@@ -68,19 +68,11 @@ def text_generator(config: ml_collections.ConfigDict, workdir: str) -> TextGener
   if model.kind != 'lm':
     raise ValueError(f'config.model={path!r} is a {model.kind}; generation needs a language '
                      f'model (classify texts with configs/predict.py)')
-  engine = Engine(model.graphdef, model.params, eos_ids=eos_ids(model.tokenizer),
+  engine = Engine(model.graphdef, model.params, eos_ids=chat.model_end_ids(model),
                   max_batch=config.engine.max_batch,
                   max_prompt_tokens=config.engine.max_prompt_tokens,
                   max_new_tokens=config.sampling.max_new_tokens)
   return TextGenerator(engine, model.tokenizer)
-
-
-def eos_ids(tokenizer) -> list[int]:
-  """The end-of-sequence id a row stops at; none if the tokenizer has none."""
-  try:
-    return [int(tokenizer.eos_id)]
-  except ValueError:  # an HF tokenizer without an end token: rows run to max_new_tokens
-    return []
 
 
 def sampling_params(section: ml_collections.ConfigDict, rows: int) -> list[SamplingParams]:
@@ -118,6 +110,5 @@ def read_prompts(config: ml_collections.ConfigDict) -> list[str]:
 def _write_lines(path: str, records: list[dict]) -> None:
   """JSON Lines, replaced atomically: a killed run leaves the previous file whole."""
   with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    for record in records:
-      f.write(json.dumps(record, ensure_ascii=False) + '\n')
+    f.writelines(json.dumps(record, ensure_ascii=False) + '\n' for record in records)
   os.replace(path + '.tmp', path)

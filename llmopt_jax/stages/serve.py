@@ -85,11 +85,7 @@ def build(config: ml_collections.ConfigDict, defaults: SamplingParams,
                        f'{engine_config.max_batch}): {e}') from None
     return Served(name, ClassificationBatcher(classifier, queue_size=engine_config.queue_size,
                                               batch_rows=engine_config.max_batch))
-  tokenizer_eos = None
-  with contextlib.suppress(ValueError):  # an HF tokenizer without an end token raises
-    tokenizer_eos = model.tokenizer.eos_id
-  engine = Engine(model.graphdef, model.params,
-                  eos_ids=chat.end_ids(model.tokenizer_dir, tokenizer_eos),
+  engine = Engine(model.graphdef, model.params, eos_ids=chat.model_end_ids(model),
                   max_batch=engine_config.max_batch,
                   max_prompt_tokens=engine_config.max_prompt_tokens,
                   max_new_tokens=engine_config.max_new_tokens)
