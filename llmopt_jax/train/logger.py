@@ -13,7 +13,6 @@ from collections.abc import Mapping
 
 import jax
 import tqdm
-from tensorboardX import SummaryWriter
 
 
 class Logger:
@@ -24,6 +23,9 @@ class Logger:
       return
     _drop_records_after(self.path, start_step)
     self._jsonl = open(self.path, 'a', encoding='utf-8')
+    # Imported here: tensorboardX imports PyTorch when it is installed (a second or more),
+    # which every stage that never logs a training run (predict, generate, serve) would pay.
+    from tensorboardX import SummaryWriter  # noqa: PLC0415
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=start_step + 1)
     # A live bar on a terminal; in a log file (CI, a cluster job) plain lines at log steps.
     self._interactive = sys.stderr.isatty()
