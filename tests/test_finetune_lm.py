@@ -19,9 +19,11 @@ from flax import nnx
 
 import tolerances
 from conftest import REPO, load_config, load_finished, restore_state
+from llmopt_jax import configlib, sharding
 from llmopt_jax.data import tokenizers
+from llmopt_jax.inference import loading
 from llmopt_jax.stages import finetune_lm
-from llmopt_jax.tasks import classification
+from llmopt_jax.tasks import classification, finished
 from llmopt_jax.train import trained
 
 
@@ -95,6 +97,20 @@ def test_lm_lora_leaves_base_weights_bitwise_unchanged(pretrain_workdir, tfds_di
   for path in before:
     np.testing.assert_array_equal(after[path], before[path], err_msg=path)  # never written
   assert any(np.abs(a).max() > 0 for a in jax.tree.leaves(state['params']['lora']))
+
+  # Inference loads the run with its adapters merged: what generation and serving run.
+  mesh, rules = sharding.from_config(configlib.mesh('data'))
+  loaded = loading.load(str(workdir), mesh, rules)
+  card = finished.read_card(str(workdir))
+  adapters = flat(state['params']['lora'])
+  merged = dict(after)
+  for path in {p.rsplit('/', 1)[0] for p in adapters}:  # W + (alpha / r) A B, by hand
+    a, b = adapters[path + '/lora_a'], adapters[path + '/lora_b']
+    merged[path] = after[path] + card.lora.alpha / card.lora.rank * np.tensordot(a, b, 1)
+  loaded_params = flat(loaded.params)
+  assert loaded.kind == 'lm' and loaded_params.keys() == merged.keys()
+  for path, value in loaded_params.items():  # float32 sums of `rank` products: a few ulps
+    np.testing.assert_allclose(value, merged[path], rtol=1e-5, atol=1e-6, err_msg=path)
 
 
 @pytest.fixture(scope='module')
