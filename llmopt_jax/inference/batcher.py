@@ -133,13 +133,7 @@ class GenerationBatcher:
   def submit(self, requests: Sequence[tuple[str, np.ndarray, SamplingParams]]) -> list[Future]:
     """Futures of the requests' `Completion`s, in order; QueueFull if they do not fit."""
     jobs = [GenerationJob(text, ids, params, Future()) for text, ids, params in requests]
-    try:
-      self.line.put_all(jobs)
-    except QueueFull:
-      self.counts['rejected'] += len(jobs)
-      raise
-    self.counts['requests'] += len(jobs)
-    return [job.future for job in jobs]
+    return _enqueue(self.line, self.counts, jobs)
 
   def stats(self) -> dict[str, int]:
     return {**self._engine_stats, **_counts(self.counts), 'queue_depth': len(self.line),
@@ -220,14 +214,7 @@ class ClassificationBatcher:
     self.start = self._worker.start
 
   def submit(self, texts: Sequence[str]) -> list[Future]:
-    jobs = [ClassificationJob(text, Future()) for text in texts]
-    try:
-      self.line.put_all(jobs)
-    except QueueFull:
-      self.counts['rejected'] += len(jobs)
-      raise
-    self.counts['requests'] += len(jobs)
-    return [job.future for job in jobs]
+    return _enqueue(self.line, self.counts, [ClassificationJob(text, Future()) for text in texts])
 
   def stats(self) -> dict[str, int]:
     return {'batches': 0, 'max_rows': 0, **_counts(self.counts), 'queue_depth': len(self.line)}
@@ -269,3 +256,13 @@ def _fail(jobs: Sequence[Any], error: Exception) -> None:
     future = job.future
     if not future.done() and (future.running() or future.set_running_or_notify_cancel()):
       future.set_exception(error)
+
+def _enqueue(line: WaitingLine, counts: collections.Counter, jobs: list) -> list[Future]:
+  """Puts all `jobs` in the line (or none: QueueFull, counted as rejected); their futures."""
+  try:
+    line.put_all(jobs)
+  except QueueFull:
+    counts['rejected'] += len(jobs)
+    raise
+  counts['requests'] += len(jobs)
+  return [job.future for job in jobs]

@@ -38,7 +38,7 @@ from llmopt_jax.hf.export import HEAD_CONFIG, HEAD_WEIGHTS
 from llmopt_jax.models.config import TransformerConfig
 from llmopt_jax.models.heads import HeadConfig
 from llmopt_jax.quant import checkpoint as quant_checkpoint, kernels, scorer, storage
-from llmopt_jax.tasks import finished
+from llmopt_jax.tasks import finished, starting_point
 from llmopt_jax.train import trained
 
 EXPECTED = ('a Hugging Face model directory (config.json + model.safetensors), a finished '
@@ -130,7 +130,7 @@ def _from_card(workdir: str, card: finished.ModelCard, graphdef: nnx.GraphDef,
   if tokenizer_dir == '.':  # the run's own directory holds its tokenizer
     tokenizer_dir = workdir
   if card.tokenizer == 'huggingface':
-    tokenizer, encoder = HFText(tokenizer_dir), functools.partial(_hf_encoder, tokenizer_dir)
+    tokenizer, encoder = HFText(tokenizer_dir), functools.partial(starting_point.hf_encoder, tokenizer_dir)
   else:
     tokenizer = finished.lm_tokenizer(card, workdir)
     encoder = functools.partial(classification.token_encoder, tokenizer)
@@ -230,7 +230,7 @@ def _huggingface(path: str, mesh: Mesh, rules: sharding.Rules,
       path=path, kind='classifier' if classifier else 'lm', config=config, head=head,
       labels=labels if classifier else (), graphdef=graphdef, params=params,
       tokenizer=HFText(path), tokenizer_dir=path, quantized=None,
-      encoder=functools.partial(_hf_encoder, path) if classifier else None,
+      encoder=functools.partial(starting_point.hf_encoder, path) if classifier else None,
       max_len=_context(config, {}, classifier))
 
 
@@ -262,18 +262,6 @@ def _with_sidecar_weights(path: str, params: nnx.State) -> nnx.State:
                        f'{value.shape}, expected {target.shape}')
     variable.set_value(jax.device_put(value.astype(target.dtype), target.sharding))
   return params
-
-
-def _hf_encoder(directory: str, max_len: int) -> classification.Encode:
-  """Texts -> (ids, mask, token types) [n, max_len], as a fine-tune from `directory` read
-  them: the tokenizer's specials, cut to max_len, padded on the right."""
-  tokenizer = hf.load_tokenizer(directory, max_len)
-
-  def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    batch = tokenizer(texts)
-    return (batch['tokens'], batch['padding_mask'],
-            batch.get('token_types', np.zeros_like(batch['tokens'])))
-  return encode
 
 
 class HFText:

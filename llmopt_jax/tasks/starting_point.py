@@ -116,14 +116,7 @@ def _huggingface(path: str, config: ml_collections.ConfigDict) -> StartingPoint:
   model, _ = hf_configs.from_hf(read_config(path))
   dropout = config.init.dropout_rate
 
-  def encoder(max_len: int) -> classification.Encode:
-    tokenizer = hf.load_tokenizer(directory, max_len)
-
-    def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-      batch = tokenizer(texts)
-      return (batch['tokens'], batch['padding_mask'],
-              batch.get('token_types', np.zeros_like(batch['tokens'])))
-    return encode
+  encoder = functools.partial(hf_encoder, directory)
 
   def load(head: HeadConfig | None, mesh: Mesh, rules: sharding.Rules) -> nnx.State:
     loaded, _ = hf.load_pretrained(path, mesh=mesh, rules=rules, head=head, seed=config.seed,
@@ -206,3 +199,16 @@ def evaluate(train: TrainConfig, task: Task,
       setup.shardings.params, setup.mesh, setup.rules)
   return metrics.finalize(metrics.total(
       eval_step(params, sharding.shard_batch(b, setup.mesh, setup.rules)) for b in batches))
+
+
+def hf_encoder(directory: str, max_len: int) -> classification.Encode:
+  """Texts -> (ids, mask, token types) [n, max_len] as a fine-tune from the Hugging Face
+  model in `directory` reads them: the tokenizer's specials, cut to max_len, padded on the
+  right (token types 0 where the model has none)."""
+  tokenizer = hf.load_tokenizer(directory, max_len)
+
+  def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    batch = tokenizer(texts)
+    return (batch['tokens'], batch['padding_mask'],
+            batch.get('token_types', np.zeros_like(batch['tokens'])))
+  return encode
