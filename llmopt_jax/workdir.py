@@ -6,7 +6,12 @@ against the run already there before anything is written.
   (host, pid, start time) into it. A second run on the same workdir fails at once with one
   line naming the holder. The kernel drops the lock when its process dies, however it dies,
   so a killed run's lock is taken over by the next run (which says so); no stale lock can
-  block a workdir. (Sweep workers share a study's directory; each trial's workdir is locked.)
+  block a workdir.
+* **Shared.** A sweep's directory is worked in by many processes at once (its workers, each
+  running one trial at a time in its own locked trial workdir): `prepare(..., shared=True)`
+  takes a shared lock instead, which any number of workers hold together and which keeps a
+  single run out (and the reverse), and still checks and records the config. A worker
+  `release`s each trial's workdir when the trial ends, so the trial can be rerun alone.
 * **Config.** `config.json` is the record of the command that runs in the workdir. It is
   replaced only after the new config has been compared with it: a workdir that already holds
   training (checkpoints, a summary, a model card or a report) refuses another stage or a
@@ -39,8 +44,10 @@ HISTORY = 'config_history.jsonl'
 COMPATIBLE = ('train.num_steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
               'checkpoint.', 'early_stopping.patience', 'mesh.', 'test_batches', 'export',
               'data.tfds_data_dir', 'data.num_shards', 'variants', 'teacher.config.',
-              'source.config.', 'sparsities', 'quant_variants', 'batch_size', 'engine.')
+              'source.config.', 'sparsities', 'quant_variants', 'batch_size', 'engine.',
+              'sweep.trials', 'sweep.heartbeat_s', 'sweep.max_retries')
 _FINISHED = ('summary.json', 'model.json', 'report.json')
+_SWEEP_TRIALS = 'trials'  # a sweep's trial workdirs: its config binds once a trial started
 
 _held: dict[str, int] = {}  # lock file -> open descriptor, for the locks this process holds
 
@@ -49,15 +56,16 @@ class WorkdirInUse(OSError):
   """Another live run holds the workdir."""
 
 
-def prepare(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """Creates `workdir` (or reuses it to resume), locks it, checks `config` against the run
-  already there, and records it."""
+def prepare(workdir: str, config: ml_collections.ConfigDict, *, shared: bool = False) -> str:
+  """Creates `workdir` (or reuses it to resume), locks it (exclusively, or `shared` with
+  other workers of the same sweep), checks `config` against the run already there, and
+  records it."""
   if not workdir:
     raise ValueError('--workdir is required')
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f'--workdir={workdir} is a file, not a directory')
   os.makedirs(workdir, exist_ok=True)
-  problem = _acquire(workdir) if jax.process_index() == 0 else ''
+  problem = _acquire(workdir, shared) if jax.process_index() == 0 else ''
   if jax.process_count() > 1:
     problem = distributed.allgather_json(problem)[0]  # every process fails alike
   if problem:
@@ -69,19 +77,22 @@ def prepare(workdir: str, config: ml_collections.ConfigDict) -> str:
   return workdir
 
 
-def _acquire(workdir: str) -> str:
+def _acquire(workdir: str, shared: bool = False) -> str:
   """Takes the workdir's lock for this process; '' on success, else why not (one line)."""
   path = os.path.realpath(os.path.join(workdir, LOCK))
   if path in _held:
     return ''
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
   except BlockingIOError:
-    holder = _holder(fd)
+    holder = _holder(fd) or 'the workers of a sweep'  # shared holders write no name
     os.close(fd)
     return (f'--workdir={workdir} is in use by another run ({holder}); wait for it to end '
             f'or give this run another --workdir')
+  if shared:  # the other workers may hold it too: the file names no one
+    _held[path] = fd
+    return ''
   previous = _holder(fd)
   if previous:
     print(f'{workdir}: taking over the lock of a run that ended without releasing it '
@@ -101,6 +112,15 @@ def _holder(fd: int) -> str:
     return f'host {who["host"]}, pid {who["pid"]}, started {who["started"]}'
   except (ValueError, KeyError, TypeError):
     return text[:100]
+
+
+def release(workdir: str) -> None:
+  """Gives up this process's lock on `workdir`, if it holds it: a sweep worker's on a trial
+  that has ended, so that the trial's command can run there while the worker goes on."""
+  fd = _held.pop(os.path.realpath(os.path.join(workdir, LOCK)), None)
+  if fd is not None:
+    os.ftruncate(fd, 0)
+    os.close(fd)
 
 
 @atexit.register
@@ -145,10 +165,11 @@ def _check_compatible(workdir: str, new: dict) -> list[str]:
 
 
 def _has_trained(workdir: str) -> bool:
-  """Whether the workdir holds a checkpoint or a finished run's files."""
+  """Whether the workdir holds a checkpoint, a finished run's files or a sweep's trials."""
   checkpoints = os.path.join(workdir, 'checkpoints')
   saved = os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))
-  return saved or any(os.path.exists(os.path.join(workdir, name)) for name in _FINISHED)
+  return (saved or os.path.isdir(os.path.join(workdir, _SWEEP_TRIALS))
+          or any(os.path.exists(os.path.join(workdir, name)) for name in _FINISHED))
 
 
 def _differences(old, new, prefix: str = '') -> list[str]:
@@ -166,6 +187,7 @@ def _record(workdir: str, config: dict, changed: list[str]) -> None:
   with open(os.path.join(workdir, HISTORY), 'a', encoding='utf-8') as f:
     f.write(json.dumps(entry) + '\n')
   path = os.path.join(workdir, CONFIG)
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+  tmp = f'{path}.{os.getpid()}.tmp'  # its own: a sweep's workers record at the same time
+  with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(config, f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
+  os.replace(tmp, path)

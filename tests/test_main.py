@@ -177,6 +177,9 @@ COVERED_ELSEWHERE = ('configs/prune.py', 'configs/compress.py',
                      'configs/predict.py')  # needs a trained model: tests/test_predict.py
 # configs/serve.py serves until a signal ends it: tests/test_serve.py runs it so.
 COVERED_ELSEWHERE += ('configs/serve.py',)
+# configs/sweep.py:tiny is a study of 4 fine-tunes (its fields are config.sweep and
+# config.base, not config.train): tests/test_sweep.py runs tiny studies end to end.
+COVERED_ELSEWHERE += ('configs/sweep.py',)
 
 
 # The configs that start from MiniLM get a 2-layer, 32-wide stand-in with its tokenizer here

@@ -28,6 +28,7 @@ STAGES = {
     'predict': 'llmopt_jax.stages.predict',
     'serve': 'llmopt_jax.stages.serve',
     'generate': 'llmopt_jax.stages.generate',
+    'sweep': 'llmopt_jax.stages.sweep',
 }
 
 

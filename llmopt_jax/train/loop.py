@@ -18,7 +18,7 @@ import numpy as np
 
 from llmopt_jax import metrics as metrics_lib
 from llmopt_jax import distributed, optim, sharding
-from llmopt_jax.train import interrupt, memory
+from llmopt_jax.train import interrupt, memory, reporting
 from llmopt_jax.train import setup as setup_lib
 from llmopt_jax.train import state as state_lib
 from llmopt_jax.train import step as step_lib
@@ -61,6 +61,11 @@ def train(config: TrainConfig, workdir: str, task: Task) -> dict[str, Any]:
       step, stopper, eval_metrics, last_loss = _loop(
           config, setup, task, steps, state, stopper, window, log)
     checkpoints.wait()
+  except reporting.StopRun as stop:  # a sweep's pruner: unfinished, so no summary.json
+    checkpoints.close()
+    log.info(f'Stopped at step {window.last_step}: {stop}; rerun the same command to resume.')
+    log.close()
+    raise
   except interrupt.Stop:
     _wait_quietly(checkpoints)  # a save in flight completes
     log.abandon()
@@ -168,6 +173,8 @@ def _loop(config: TrainConfig, setup: setup_lib.Setup, task: Task, steps: _Steps
     if eval_metrics or last or step % config.checkpoint.every_steps == 0:
       window.check_finite()
       _save(window.checkpoints, step, state, task, stopper, eval_metrics)
+    if eval_metrics:  # after the save, so a run stopped here resumes from this step
+      reporting.report(step, eval_metrics)
     if stopper.should_stop:
       log.info(f'Early stopping at step {step}: {stopper.metric} has not improved for '
                f'{stopper.patience} evaluations; best {stopper.best_value:.4f} at step '
