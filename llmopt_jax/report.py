@@ -54,7 +54,8 @@ def write(workdir: str, record: Mapping[str, Any], rows: Sequence[Mapping[str, A
 
 
 def _replace(path: str, text: str) -> None:
-  tmp = path + '.tmp'
+  # A name of this process's own: sweep workers may write the same report at once.
+  tmp = f'{path}.{os.getpid()}.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
     f.write(text)
   os.replace(tmp, path)

@@ -35,7 +35,7 @@ def _pyplot() -> Any:
 def _save(figure: Any, path: str) -> None:
   """Writes `figure` at `path` atomically (a reader never sees half a PNG) and frees it."""
   figure.tight_layout()
-  tmp = path + '.tmp.png'
+  tmp = f'{path}.{os.getpid()}.tmp.png'  # this process's own name: workers may race
   figure.savefig(tmp, dpi=120)
   _pyplot().close(figure)
   os.replace(tmp, path)
