@@ -1,21 +1,21 @@
 """Generation benchmark: the engine against transformers `generate`, on the same weights.
 
-  python experiments/bench_generate.py                    # both models, ~20 min on 2 CPU cores
+  python experiments/bench_generate.py                    # both models, ~15 min on 2 CPU cores
   python experiments/bench_generate.py --quick            # small shapes, < 2 min: a smoke check
   python experiments/bench_generate.py --models=gpt2 --out=/tmp/bench_generate.md
 
-Random transformers checkpoints (GPT-2 small; a Llama with grouped-query attention), imported
-so both sides run the same weights. Greedy tokens/s, 64 new tokens forced: the engine against
-`generate` (PyTorch CPU, KV cache, left padding; torch's default threads or 1, the faster) at
-batch 1 and 16; cache against a jitted no-cache loop; continuous against static batching on 48
-requests of 8..128 tokens, beside the schedule's own bound; int8 against float32. Rounds take
-the variants in turns (best kept); compile time is warmed up first and reported on its own.
+Random transformers checkpoints (GPT-2 small; a GQA Llama), imported so both sides run the same
+weights. Greedy tokens/s, 64 new tokens forced: the engine against `generate` (PyTorch CPU, KV
+cache, left padding; torch's default threads or 1, the faster) at batch 1 and 16; cache against
+a jitted no-cache loop; continuous against static batching on 48 requests of 8..128 tokens and
+the schedule's bound; int8 against float32. Variants in turns (best kept); compiles reported apart.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import os
 import sys
 import tempfile
@@ -198,9 +198,8 @@ def measure(name: str, setting: Setting, directory: str) -> tuple[list[Row], dic
   reference.save_pretrained(directory, safe_serialization=True)
   graphdef, params = nnx.split(hf.load_pretrained(directory)[0], nnx.Param)
   vocab, new, big = reference.config.vocab_size, setting.new_tokens, max(setting.batches)
-  def make(p):
-    return Engine(graphdef, p, eos_ids=[], max_batch=big, max_prompt_tokens=64,
-                  max_new_tokens=max(setting.outputs[1], new))
+  make = functools.partial(Engine, graphdef, eos_ids=[], max_batch=big, max_prompt_tokens=64,
+                           max_new_tokens=max(setting.outputs[1], new))
   engine, bench = make(params), Bench(setting.rounds)
   prompts = {b: setting.prompts(b, vocab, seed=b) for b in setting.batches}
   fixed = {b: [SamplingParams(max_new_tokens=new)] * b for b in setting.batches}
@@ -216,11 +215,10 @@ def measure(name: str, setting: Setting, directory: str) -> tuple[list[Row], dic
             lambda: no_cache(params, tokens, mask, 1, width))
   mixed = setting.prompts(setting.requests, vocab, seed=99)
   lengths = [SamplingParams(max_new_tokens=n) for n in setting.output_lengths()]
-  bench.add_static('mixed static', engine, mixed, lengths, setting.mixed_rounds)
-  # Warm-up: the same programs, every row stopped at its first check (a few decode steps).
+  bench.add_static('mixed static', engine, mixed, lengths, rounds := setting.mixed_rounds)
+  stop_at_once = lambda *_: True  # noqa: E731  (warm-up: the same programs, a few steps each)
   bench.add('mixed continuous', lambda: engine.generate(mixed, lengths),
-            lambda: engine.generate(mixed, lengths, should_stop=lambda *_: True),
-            setting.mixed_rounds)
+            lambda: engine.generate(mixed, lengths, should_stop=stop_at_once), rounds)
   for label in setting.int8:
     quantized = make(transform.quantize(params, INT8[label]))
     bench.add_static(label, quantized, prompts[big], fixed[big])
