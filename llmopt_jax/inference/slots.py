@@ -84,7 +84,11 @@ class Slots:
     for i in ended:
       finished[self.owners[i]] = self.engine.generated(tokens[i], logprobs[i], int(count[i]))
       self.owners[i] = None
-    self.state = self.state._replace(done=self.state.done.at[np.asarray(ended)].set(True))
+    # A mask of fixed shape: indexing by the list of ended rows would compile a program for
+    # every count of rows that end together.
+    retired = np.zeros(len(self.owners), bool)
+    retired[ended] = True
+    self.state = self.state._replace(done=self.state.done | retired)
     return finished
 
   def _stopped_early(self, should_stop, count: np.ndarray, ended: set[int]) -> list[int]:

@@ -108,8 +108,10 @@ class Attention(nnx.Module):
     v = sharding.constrain(v, ('batch', 'length', 'kv_heads', 'kv'))
     return q, k, v
 
-  def probabilities(self, q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-    """Attention weights [B,K,G,T,S] in float32 (a softmax over S, the keys).
+  def probabilities(self, q: jax.Array, k: jax.Array, mask: jax.Array,
+                    keys: str = 'BSKH') -> jax.Array:
+    """Attention weights [B,K,G,T,S] in float32 (a softmax over S, the keys); `keys` names
+    the layout of `k` ('BSKH' as projected, 'BKSH' as a KV cache stores it).
 
     Scores and softmax run in float32: bfloat16 logits of a few hundred keys round enough to
     change which key wins. The mask uses the dtype's most negative finite value, not -inf, so
@@ -117,7 +119,7 @@ class Attention(nnx.Module):
     """
     b, t, n, h = q.shape
     q = q.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)  # [B, T, K, G, H]
-    scores = jnp.einsum('BTKGH,BSKH->BKGTS', q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f'BTKGH,{keys}->BKGTS', q, k, preferred_element_type=jnp.float32)
     scores = scores.astype(jnp.float32) / math.sqrt(h)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores, axis=-1)
@@ -135,23 +137,25 @@ class Attention(nnx.Module):
     b, k_heads, g, t, _ = probs.shape
     return self.combine(dropped, v), probs.reshape(b, k_heads * g, t, -1)
 
-  def combine(self, probs: jax.Array, v: jax.Array) -> jax.Array:
-    """The output [B,T,D]: values [B,S,K,H] averaged by `probs` [B,K,G,T,S], heads merged."""
-    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(self.dtype), v)
+  def combine(self, probs: jax.Array, v: jax.Array, values: str = 'BSKH') -> jax.Array:
+    """The output [B,T,D]: values `v` (layout `values`, as in `probabilities`) averaged by
+    `probs` [B,K,G,T,S], heads merged."""
+    out = jnp.einsum(f'BKGTS,{values}->BTKGH', probs.astype(self.dtype), v)
     b, t, k_heads, g, h = out.shape
     out = out.reshape(b, t, k_heads * g, h)  # [B, T, N, H], query head n = k * G + g
-    out = layers.contract('BTNH,NHD->BTD', out, self.o, self.dtype)
+    out = layers.contract_heads(out, self.o, self.dtype)
     return layers.maybe_bias(out, self.o_bias)
 
   def cached(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array, cursor: jax.Array,
              keys: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Attention of T new tokens `x` [B,T,D] over a layer's cache (`models.kv_cache`).
 
-    Their keys and values are written into `keys`, `values` [B,S,K,H] at slots `cursor` [B]
+    Their keys and values are written into `keys`, `values` [B,K,S,H] at slots `cursor` [B]
     onwards, then the queries attend to the slots `mask` [B,T,S] allows. Returns the output
     [B,T,D] and the updated buffers. Deterministic: generation runs no dropout.
     """
     q, k, v = self.project_qkv(x, positions)
     keys = kv_cache.write(keys, k, cursor)
     values = kv_cache.write(values, v, cursor)
-    return self.combine(self.probabilities(q, keys, mask), values), keys, values
+    probs = self.probabilities(q, keys, mask, keys=kv_cache.LAYOUT)
+    return self.combine(probs, values, values=kv_cache.LAYOUT), keys, values

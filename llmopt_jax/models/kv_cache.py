@@ -11,6 +11,10 @@ prefill, its padding slots are marked invalid, and the position ids (RoPE angles
 position rows) are passed separately. Within a row, slot distance equals position distance
 for real tokens, which is what a sliding window needs.
 
+Buffers are laid out [B, K, S, H] (`LAYOUT`): the attention contractions then read each
+head's slots contiguously, where [B, S, K, H] made XLA transpose the whole cache of every
+layer at every decode step (measured by experiments/bench_generate.py: ~4x slower steps).
+
 Axis letters: B batch   S slots   K key/value heads   H head dim
 """
 
@@ -23,11 +27,13 @@ import jax.numpy as jnp
 
 from llmopt_jax.models.config import TransformerConfig
 
+LAYOUT = 'BKSH'
+
 
 class KVCache(NamedTuple):
   """A pytree: jit, donation and `jax.tree` see through it."""
-  keys: tuple[jax.Array, ...]    # per layer [B, S, K, H], the compute dtype
-  values: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+  keys: tuple[jax.Array, ...]    # per layer [B, K, S, H], the compute dtype
+  values: tuple[jax.Array, ...]  # per layer [B, K, S, H]
   valid: jax.Array               # [B, S] bool: the slot holds a real (not padding) token
   cursor: jax.Array              # [B] int32: the next slot each row writes
 
@@ -38,7 +44,7 @@ class KVCache(NamedTuple):
 
 def empty(config: TransformerConfig, batch: int, length: int) -> KVCache:
   """A cache of `length` slots per row for `batch` rows, nothing valid, cursors at 0."""
-  shape = (batch, length, config.num_kv_heads, config.head_dim)
+  shape = (batch, config.num_kv_heads, length, config.head_dim)
   # Distinct buffers (not one zeros array shared), so the cache can be donated to jit.
   def buffers():
     return tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
@@ -47,12 +53,18 @@ def empty(config: TransformerConfig, batch: int, length: int) -> KVCache:
 
 
 def write(buffer: jax.Array, new: jax.Array, cursor: jax.Array) -> jax.Array:
-  """`buffer` [B, S, ...] with `new` [B, T, ...] written at slots cursor[b] .. + T - 1.
+  """`buffer` with `new` written at slots cursor[b] .. + T - 1 of each row: a cache buffer
+  [B, K, S, H] and new keys or values as projected, [B, T, K, H]; or the validity mask
+  [B, S] and new flags [B, T].
 
   Per row, so rows at different cursors are written in one op; a write running past the end
   is clamped by `dynamic_update_slice` (the engine sizes caches so it never happens)."""
+  if buffer.ndim == 4:
+    new = jnp.swapaxes(new, 1, 2)  # [B, K, T, H]: T is small (1 when decoding)
+  axis = 1 if buffer.ndim == 4 else 0
+
   def one_row(row, update, start):
-    return jax.lax.dynamic_update_slice_in_dim(row, update.astype(row.dtype), start, axis=0)
+    return jax.lax.dynamic_update_slice_in_dim(row, update.astype(row.dtype), start, axis=axis)
   return jax.vmap(one_row)(buffer, new, cursor)
 
 

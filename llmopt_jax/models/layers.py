@@ -79,6 +79,21 @@ def contract(spec: str, x: jax.Array, kernel: nnx.Variable, dtype: jnp.dtype,
   return w.einsum(spec, x, dtype)
 
 
+def contract_heads(x: jax.Array, kernel: nnx.Variable, dtype: jnp.dtype) -> jax.Array:
+  """Attention's output projection: heads `x` [B,T,N,H] through `kernel` [N,H,D] -> [B,T,D].
+
+  A plain kernel is contracted as the [B,T,N*H] x [N*H,D] matmul it is (both reshapes are
+  free): as a two-axis einsum, XLA on CPU copied the kernel into a transposed layout on every
+  call, 12 times per GPT-2 decode step (experiments/bench_generate.py found it).
+  """
+  w = kernel.get_value()
+  if not isinstance(w, jax.Array):
+    return contract('BTNH,NHD->BTD', x, kernel, dtype)
+  b, t, n, h = x.shape
+  merged = x.reshape(b, t, n * h).astype(dtype)
+  return jnp.einsum('BTF,FD->BTD', merged, w.reshape(n * h, -1).astype(dtype))
+
+
 def lookup(table: nnx.Variable, ids: jax.Array, dtype: jnp.dtype | None = None) -> jax.Array:
   """Rows `ids` of an embedding table (plain or quantized, as in `contract`)."""
   w = table.get_value()
