@@ -180,6 +180,9 @@ COVERED_ELSEWHERE += ('configs/serve.py',)
 # configs/sweep.py:tiny is a study of 4 fine-tunes (its fields are config.sweep and
 # config.base, not config.train): tests/test_sweep.py runs tiny studies end to end.
 COVERED_ELSEWHERE += ('configs/sweep.py',)
+# configs/generate.py trains nothing of its own (no train.num_steps): its tiny config runs in
+# tests/test_generate_stage.py.
+COVERED_ELSEWHERE += ('configs/generate.py',)
 
 
 # The configs that start from MiniLM get a 2-layer, 32-wide stand-in with its tokenizer here
