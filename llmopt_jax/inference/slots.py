@@ -75,11 +75,14 @@ class Slots:
     self.state = self.engine.run(self.state, max_steps, until_any_done=True)
     done, count = jax.device_get((self.state.done, self.state.count))
     ended = [i for i, owner in enumerate(self.owners) if owner is not None and done[i]]
-    if should_stop is not None:
-      ended += self._stopped_early(should_stop, count, set(ended))
+    live = [i for i, owner in enumerate(self.owners) if owner is not None and not done[i]]
+    fetched = None  # the outputs, copied to the host once, only when a row needs reading
+    if should_stop is not None and live:
+      fetched = jax.device_get((self.state.tokens, self.state.logprobs))
+      ended += [i for i in live if should_stop(self.owners[i], fetched[0][i, :count[i]])]
     if not ended:
       return {}
-    tokens, logprobs = jax.device_get((self.state.tokens, self.state.logprobs))
+    tokens, logprobs = fetched or jax.device_get((self.state.tokens, self.state.logprobs))
     finished = {}
     for i in ended:
       finished[self.owners[i]] = self.engine.generated(tokens[i], logprobs[i], int(count[i]))
@@ -90,10 +93,3 @@ class Slots:
     retired[ended] = True
     self.state = self.state._replace(done=self.state.done | retired)
     return finished
-
-  def _stopped_early(self, should_stop, count: np.ndarray, ended: set[int]) -> list[int]:
-    live = [i for i, owner in enumerate(self.owners) if owner is not None and i not in ended]
-    if not live:
-      return []
-    tokens = jax.device_get(self.state.tokens)
-    return [i for i in live if should_stop(self.owners[i], tokens[i, :count[i]])]
