@@ -12,6 +12,14 @@ with Optuna: every trial an ordinary run in <workdir>/trials/<number>/.
       --workdir=runs/sweep_lm
   # More workers: the same command again, in another shell or on a machine sharing the workdir.
   # Many machines: --config.sweep.storage=postgresql://user@host:5432/optuna
+  # An LLM proposes the trials (any OpenAI-compatible server; the key from $OPENAI_API_KEY):
+  python main.py --config=configs/sweep.py --config.sweep.sampler=llm \
+      --config.sweep.llm.base_url=http://localhost:8000/v1 --config.sweep.llm.model=qwen3-8b \
+      --config.sweep.llm.api_key_env=OPENAI_API_KEY --workdir=runs/hpo_llm
+  # ...and the same study again from its recorded answers, with no server:
+  python main.py --config=configs/sweep.py --config.sweep.sampler=llm \
+      --config.sweep.llm.backend=replay --config.sweep.llm.replay_from=runs/hpo_llm \
+      --workdir=runs/hpo_llm_replay
 
 Arguments (after the colon): base=<a config file, or a name under configs/; default finetune>,
 base_arg=<the base config's own argument, with ';' for ','>, tiny (the base's tiny config, a
@@ -48,7 +56,8 @@ def _sweep(base: ml_collections.ConfigDict, base_config: str,
            tiny: bool) -> ml_collections.ConfigDict:
   sweep = ml_collections.ConfigDict()
   sweep.base_config = base_config  # how config.base was built; trials' commands start with it
-  sweep.sampler = 'tpe'            # tpe | random | grid | cmaes | gp (needs torch) | qmc
+  sweep.sampler = 'tpe'            # tpe | random | grid | cmaes | gp (needs torch) | qmc |
+                                   # llm | llm_warm_start (sweep.llm; sweeps/llm_sampler.py)
   sweep.sampler_seed = 0           # each worker adds its number; -1 = unseeded
   sweep.trials = 4 if tiny else 20  # finished trials of the study, all workers together
                                     # (0 with sampler=grid: the whole grid)
@@ -69,7 +78,66 @@ def _sweep(base: ml_collections.ConfigDict, base_config: str,
   sweep.space = _space(base, tiny)
   sweep.variants = ml_collections.ConfigDict()  # name -> base overrides (an ablation)
   sweep.baseline = ''              # the variant the others are compared with
+  sweep.enqueue_base = False       # trial 0 = the base config's own values (a fair start
+                                   # for random or TPE against an LLM that knows defaults)
+  sweep.llm = _llm(base)
   return sweep
+
+
+def _llm(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The LLM advisor of samplers llm / llm_warm_start (llmopt_jax/sweeps/llm_config.py)."""
+  llm = ml_collections.ConfigDict()
+  llm.backend = 'http'             # http (an OpenAI-compatible server) | replay
+  llm.base_url = 'http://localhost:8000/v1'  # vLLM, Ollama (:11434/v1), a hosted API, or
+                                   # this project's serve stage
+  llm.model = ''                   # the model name the server knows (required for http)
+  llm.api_key_env = ''             # the environment variable holding the key ('' = none);
+                                   # the key itself never goes into a config or a file
+  llm.timeout_s = 120.0
+  llm.temperature = 0.7
+  llm.max_tokens = 1024
+  llm.json_mode = False            # ask for response_format json_object where supported
+  llm.max_attempts = 3             # answers per trial (each rejection is sent back to the
+                                   # model); then TPE samples the trial
+  llm.warm_start_trials = 5        # llm_warm_start: trials 0..k-1 from the LLM, then TPE
+  llm.history_best = 5             # the prompt shows the best trials so far...
+  llm.history_recent = 5           # ...and the latest others
+  llm.prompt = ''                  # '' = the default template (sweeps/prompt.py), a .txt
+                                   # file, or the template text with {placeholders}
+  llm.task_card = ml_collections.ConfigDict()  # '' = filled in from the sweep and machine
+  llm.task_card.dataset = _dataset_card(base)
+  llm.task_card.model = _model_card(base)
+  llm.task_card.metric = ''
+  llm.task_card.budget = ''
+  llm.task_card.hardware = ''
+  llm.task_card.notes = ''
+  llm.replay_from = ''             # backend=replay: the recorded sweep's workdir or database URL
+  llm.replay_study = ''            # '' = this sweep's study_name
+  return llm
+
+
+def _dataset_card(base: ml_collections.ConfigDict) -> str:
+  data = base.get('data', {})
+  name = data.get('name', '')
+  known = {'banking77': 'Banking77: online-banking customer service queries, 77 intents, '
+                        '10k training examples',
+           'clinc150': 'CLINC150: virtual-assistant queries, 150 intents plus out-of-scope',
+           'tiny_shakespeare': "Tiny Shakespeare: 1 MB of Shakespeare's plays, language "
+                               'modelling'}
+  return known.get(name, name or str(data.get('path', '')))
+
+
+def _model_card(base: ml_collections.ConfigDict) -> str:
+  init = base.get('init', {}).get('model', '')
+  if init == 'minilm':
+    return ('all-MiniLM-L6-v2, a pretrained 6-layer transformer sentence encoder (22M '
+            'parameters), fine-tuned with a classification head')
+  if init:
+    return f'the pretrained transformer at {init}, fine-tuned'
+  model = base.get('model', {})
+  layers, dim = model.get('num_layers', ''), model.get('embed_dim', '')
+  return (f'a {model.get("family", "")} transformer trained from scratch'
+          + (f', {layers} layers of width {dim}' if layers and dim else ''))
 
 
 def _space(base: ml_collections.ConfigDict, tiny: bool) -> ml_collections.ConfigDict:

@@ -17,9 +17,10 @@ from typing import Any
 
 import ml_collections
 
+from llmopt_jax.sweeps import llm_config, proposals
 from llmopt_jax.sweeps import space as space_lib
 
-SAMPLERS = ('tpe', 'random', 'grid', 'cmaes', 'gp', 'qmc')
+SAMPLERS = ('tpe', 'random', 'grid', 'cmaes', 'gp', 'qmc', *llm_config.LLM_SAMPLERS)
 PRUNERS = ('none', 'median', 'hyperband')
 DIRECTIONS = ('minimize', 'maximize')
 # Samplers that need a package the project does not install, and why it is not installed.
@@ -50,6 +51,8 @@ class SweepConfig:
   max_retries: int             # how often one trial is retried after its worker died
   max_resource: int            # hyperband: the base's train.num_steps (0 = Optuna's 'auto')
   min_resource: int            # hyperband: the base's train.eval_every (0 = 'auto')
+  enqueue_base: bool = False   # trial 0 runs the base config's own values
+  llm: llm_config.LlmConfig | None = None  # samplers llm and llm_warm_start only
 
   @property
   def variants(self) -> Mapping[str, Mapping[str, Any]]:
@@ -89,6 +92,11 @@ class SweepConfig:
       raise ValueError(f'config.sweep.baseline={sweep.baseline!r} is not a variant; choose '
                        f'from {list(space.variants)}')
     _check_budget(sweep.sampler, sweep.trials, space)
+    enqueue_base = bool(sweep.get('enqueue_base', False))
+    if enqueue_base:
+      base_params(space, sweep.baseline)  # raises for a base value outside its searched range
+    llm = (llm_config.LlmConfig.from_config(sweep.llm, sweep.sampler)
+           if sweep.sampler in llm_config.LLM_SAMPLERS else None)
     train = base.get('train', {})
     return cls(
         base_config=sweep.base_config, sampler=sweep.sampler, pruner=sweep.pruner,
@@ -98,7 +106,22 @@ class SweepConfig:
         baseline=sweep.baseline, pruner_startup_trials=sweep.pruner_startup_trials,
         pruner_warmup_steps=sweep.pruner_warmup_steps, heartbeat_s=sweep.heartbeat_s,
         max_retries=sweep.max_retries, max_resource=train.get('num_steps', 0),
-        min_resource=train.get('eval_every', 0))
+        min_resource=train.get('eval_every', 0), enqueue_base=enqueue_base, llm=llm)
+
+
+def base_params(space: space_lib.SearchSpace, baseline: str = '') -> dict[str, Any]:
+  """The trial parameters that run the base config as it is (its values of the searched
+  fields; the baseline variant, else the first), checked to lie in the space."""
+  params = {}
+  if space.variants:
+    params[space_lib.VARIANT] = baseline or next(iter(space.variants))
+  for dim in space.dimensions:
+    try:
+      params[dim.path] = proposals.checked_value(dim, dim.base)
+    except proposals.Rejected as e:
+      raise ValueError(f'config.sweep.enqueue_base: the base value {e}; widen '
+                       f'config.sweep.space.{dim.path} or turn enqueue_base off') from None
+  return params
 
 
 def base_config_file(name: str) -> str:

@@ -52,8 +52,12 @@ def write_report(workdir: str, study: optuna.Study, sweep: Any) -> dict:
                if best else 'Best: no trial has completed yet.')
   notes = [_study_line(record['study']), best_line, *_importance_lines(importances),
            *_ablation_lines(ablation, sweep.baseline), *_plot_lines(plots)]
-  report_lib.write(workdir, record, rows, _COLUMNS, title=f'Sweep: {study.study_name}',
-                   notes=notes, headline=best_line)
+  proposed = any(r['proposer'] for r in rows)  # an LLM sampler's study
+  if proposed:
+    record['llm'] = _llm_record(trials)
+    notes.insert(1, _llm_line(record['llm']))
+  report_lib.write(workdir, record, rows, _COLUMNS + (_PROPOSER_COLUMNS if proposed else []),
+                   title=f'Sweep: {study.study_name}', notes=notes, headline=best_line)
   return record
 
 
@@ -69,7 +73,16 @@ def _trial_row(trial: FrozenTrial) -> dict[str, Any]:
           'variant': variant, 'overrides': overrides, 'value': trial.value,
           'seeds': attrs.get('seeds', []), 'values': attrs.get('values', []),
           'seconds': seconds, 'workdir': attrs.get('workdir', ''),
-          'command': attrs.get('command', '')}
+          'command': attrs.get('command', ''), 'proposer': _proposer(trial),
+          'reason': attrs.get('reason', '')}
+
+
+def _proposer(trial: FrozenTrial) -> str | None:
+  """Who chose the trial's values under an LLM sampler ('llm', 'fallback', 'tpe'), or
+  'enqueued' for values fixed in advance (the base config's, enqueue_base)."""
+  if 'proposer' in trial.user_attrs:
+    return trial.user_attrs['proposer']
+  return 'enqueued' if 'fixed_params' in trial.system_attrs else None
 
 
 def _value_text(value: Any) -> str:
@@ -87,6 +100,30 @@ _COLUMNS = [
     report_lib.Column('per seed', lambda r: ', '.join(_num(v) for v in r['values']) or '—'),
     report_lib.Column('seconds', lambda r: _num(r['seconds'], '.0f')),
     report_lib.field('workdir', 'workdir')]
+
+
+_PROPOSER_COLUMNS = [
+    report_lib.Column('proposer', lambda r: r['proposer'] or '—'),
+    report_lib.Column('reason', lambda r: ' '.join(r['reason'].split()).replace('|', '/')[:160]
+                      or '—')]
+
+
+def _llm_record(trials: list[FrozenTrial]) -> dict[str, Any]:
+  """What the LLM cost and did: requests, answers rejected, tokens, seconds, fallbacks."""
+  exchanges = [e for t in trials for e in t.user_attrs.get('llm', [])]
+  tokens = sum(e['usage'].get('total_tokens', 0) for e in exchanges
+               if isinstance(e.get('usage'), dict))
+  proposers = collections.Counter(t.user_attrs.get('proposer') for t in trials)
+  proposers.pop(None, None)
+  return {'requests': len(exchanges), 'failed': sum(e['error'] is not None for e in exchanges),
+          'total_tokens': tokens, 'seconds': sum(e['seconds'] for e in exchanges),
+          'trials_by_proposer': dict(proposers)}
+
+
+def _llm_line(s: Mapping[str, Any]) -> str:
+  by = ', '.join(f'{n} by {who}' for who, n in sorted(s['trials_by_proposer'].items()))
+  return (f'LLM: {s["requests"]} requests ({s["failed"]} rejected or unanswered), '
+          f'{s["total_tokens"]} tokens, {s["seconds"]:.1f} s waiting; trials: {by or "none"}.')
 
 
 def _study_record(study: optuna.Study, sweep: Any, rows: list[dict]) -> dict[str, Any]:

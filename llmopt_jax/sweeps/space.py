@@ -48,6 +48,7 @@ class Dimension:
   log: bool = False
   step: int = 1                # 'int' only
   choices: tuple = ()          # 'categorical' only
+  base: Any = None             # the base config's value (what a run uses untuned)
 
   def suggest(self, trial: optuna.Trial) -> Any:
     if self.kind == 'float':
@@ -55,6 +56,29 @@ class Dimension:
     if self.kind == 'int':
       return trial.suggest_int(self.path, self.low, self.high, step=self.step, log=self.log)
     return trial.suggest_categorical(self.path, self.choices)
+
+  def distribution(self) -> optuna.distributions.BaseDistribution:
+    """The distribution `suggest` draws from (a sampler that proposes whole trials needs it)."""
+    if self.kind == 'float':
+      return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log)
+    if self.kind == 'int':
+      return optuna.distributions.IntDistribution(self.low, self.high, log=self.log,
+                                                  step=self.step)
+    return optuna.distributions.CategoricalDistribution(self.choices)
+
+  def describe(self) -> dict[str, Any]:
+    """The dimension as JSON-ready facts (for the LLM advisor's prompt)."""
+    if self.kind == 'categorical':
+      facts = {'type': 'categorical', 'choices': list(self.choices)}
+    else:
+      facts = {'type': self.kind, 'low': _short(self.low), 'high': _short(self.high)}
+      if self.log:
+        facts['log'] = True
+      if self.kind == 'int' and self.step != 1:
+        facts['step'] = self.step
+    if self.base is not None:
+      facts['base'] = list(self.base) if isinstance(self.base, tuple) else self.base
+    return facts
 
   def grid_values(self) -> list:
     if self.kind == 'categorical':
@@ -98,6 +122,23 @@ class SearchSpace:
       grid[VARIANT] = list(self.variants)
     return grid
 
+  def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+    """Every Optuna parameter of a trial ('variant' first, as `suggest` asks for it)."""
+    found = {}
+    if self.variants:
+      found[VARIANT] = optuna.distributions.CategoricalDistribution(list(self.variants))
+    found.update({d.path: d.distribution() for d in self.dimensions})
+    return found
+
+  def describe(self) -> dict[str, dict[str, Any]]:
+    """Every parameter as JSON-ready facts: type, bounds or choices, scale, base value."""
+    found = {}
+    if self.variants:
+      found[VARIANT] = {'type': 'categorical', 'choices': list(self.variants),
+                        'meaning': {name: dict(o) for name, o in self.variants.items()}}
+    found.update({d.path: d.describe() for d in self.dimensions})
+    return found
+
   def suggest(self, trial: optuna.Trial) -> tuple[str | None, dict[str, Any]]:
     """(variant or None, {path: value}): the trial's overrides of the base config. A trial
     retried after its worker died gets its original values back (Optuna keeps them)."""
@@ -105,6 +146,11 @@ class SearchSpace:
     overrides = dict(self.variants[variant]) if variant is not None else {}
     overrides.update({d.path: d.suggest(trial) for d in self.dimensions})
     return variant, overrides
+
+
+def _short(x: float) -> float:
+  """`x` to 10 significant digits (0.009, not 0.009000000000000001)."""
+  return type(x)(float(f'{x:.10g}'))
 
 
 def apply(base: ml_collections.ConfigDict, overrides: Mapping[str, Any]
@@ -152,7 +198,7 @@ def _dimension(path: str, spec: Any, base_value: Any) -> Dimension | None:
         raise ValueError(  # noqa: TRY004  (bad config input, like every other: ValueError)
             f'{field}: {value!r} cannot be a categorical value (None, bool, int, float or str)')
     return Dimension(path, kind, choices=tuple(_typed(field, v, base_value, path)
-                                               for v in rest[0]))
+                                               for v in rest[0]), base=base_value)
   return _range(field, path, kind, rest, base_value)
 
 
@@ -176,7 +222,7 @@ def _range(field: str, path: str, kind: str, rest: list, base_value: Any) -> Dim
     raise ValueError(f'{field}: a log range needs low > 0, not {low}')
   _typed(field, high if kind == 'int' else float(high), base_value, path)
   return Dimension(path, kind, low, high, log=option == 'log',
-                   step=option if step_given else 1)
+                   step=option if step_given else 1, base=base_value)
 
 
 def _typed(field: str, value: Any, base_value: Any, path: str) -> Any:

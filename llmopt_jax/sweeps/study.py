@@ -44,6 +44,8 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from llmopt_jax import cli, report
+from llmopt_jax.sweeps import config as sweep_config
+from llmopt_jax.sweeps import llm_config
 from llmopt_jax.sweeps.config import SweepConfig
 
 STUDY_DB = 'study.db'
@@ -63,6 +65,8 @@ def open_study(sweep: SweepConfig, workdir: str) -> optuna.Study:
     _check_same_sweep(study, sweep, sweep.storage or storage.url)
     worker = study.user_attrs.get('workers', 0)
     study.set_user_attr('workers', worker + 1)
+    if sweep.enqueue_base and worker == 0 and not study.get_trials(deepcopy=False):
+      study.enqueue_trial(sweep_config.base_params(sweep.space, sweep.baseline))
   study.sampler = make_sampler(sweep, worker)
   study.pruner = make_pruner(sweep)
   return study
@@ -122,6 +126,9 @@ def make_sampler(sweep: SweepConfig, worker: int = 0) -> optuna.samplers.BaseSam
   """The sampler by name. Each worker seeds it differently (sampler_seed + its number), so
   concurrent workers do not propose the same points; a grid's order is the same in all."""
   seed = None if sweep.sampler_seed < 0 else sweep.sampler_seed
+  if sweep.sampler in llm_config.LLM_SAMPLERS:
+    from llmopt_jax.sweeps import llm_sampler  # its HTTP client, for these samplers only
+    return llm_sampler.make_sampler(sweep, worker)
   if sweep.sampler == 'grid':
     return _Grid(sweep.space.grid(), seed=seed)
   seed = None if seed is None else seed + worker
