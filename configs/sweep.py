@@ -68,6 +68,9 @@ def _sweep(base: ml_collections.ConfigDict, base_config: str,
   sweep.metric = 'eval/accuracy' if classifier else base.early_stopping.metric
   sweep.direction = ('maximize' if classifier or base.early_stopping.mode == 'max'
                      else 'minimize')
+  sweep.startup_trials = 10        # tpe, gp, cmaes: random trials before the model is used
+                                   # (Optuna's default; with a budget of 10, tpe = random
+                                   # unless this is lowered)
   sweep.pruner = 'median'          # none | median | hyperband; fed by each evaluation
   sweep.pruner_startup_trials = 5  # median: no pruning before this many trials finished
   sweep.pruner_warmup_steps = 0    # median: nor before this step of a trial
@@ -142,7 +145,10 @@ def _model_card(base: ml_collections.ConfigDict) -> str:
 
 def _space(base: ml_collections.ConfigDict, tiny: bool) -> ml_collections.ConfigDict:
   """Around the base's own values: the learning rate over 1.5 decades (the field that
-  matters most), weight decay and warmup. Under `tiny`, the learning rate alone."""
+  matters most), weight decay and warmup. Under `tiny`, the learning rate alone. Batch size
+  and the number of steps are listed switched off, `()`, so that a command line can search
+  them (--config.sweep.space.train.batch_size="('categorical', (16, 32, 64))"): a command
+  line can set a field, not add one."""
   space = ml_collections.ConfigDict()
   if 'optim' not in base:  # not a training config: name the fields to search yourself
     return space
@@ -153,4 +159,8 @@ def _space(base: ml_collections.ConfigDict, tiny: bool) -> ml_collections.Config
   if not tiny:
     space.optim.weight_decay = ('float', 0.0, 0.1)
     space.optim.warmup_steps = ('int', 0, max(1, base.train.num_steps // 4))
+  if 'train' in base:
+    space.train = ml_collections.ConfigDict()
+    space.train.batch_size = ()
+    space.train.num_steps = ()
   return space

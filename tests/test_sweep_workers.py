@@ -32,6 +32,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import REPO
+from openai_stub import OpenAIStub
 
 TIMEOUT_S = 240
 GRID = (1e-3, 3e-3, 9e-3)  # learning rates: a grid of three points (each one trial)
@@ -245,14 +246,26 @@ def wait_until(condition, worker: subprocess.Popen, log) -> None:
     time.sleep(0.02)
 
 
+@pytest.mark.parametrize('sampler', ['grid', 'llm_warm_start'])
 def test_killed_worker_restarted_resumes_its_trial_and_keeps_finished_ones(warm_tfds_dir,
-                                                                           tmp_path):
-  """A grid of two: the worker is killed (SIGKILL) once trial 0 has finished and trial 1 has
+                                                                           tmp_path, sampler):
+  """Two trials: the worker is killed (SIGKILL) once trial 0 has finished and trial 1 has
   saved a checkpoint; the same command started again waits out trial 1's heartbeat, retries
-  it as trial 2 in trials/1, resumed from that checkpoint, and leaves trial 0 alone."""
+  it as trial 2 in trials/1, resumed from that checkpoint, and leaves trial 0 alone. Under
+  llm_warm_start (trial 0 proposed by an LLM, a real HTTP server on loopback; trial 1 by
+  TPE) the retry keeps its values and proposer, and the LLM is not asked again."""
   workdir, lrs = tmp_path / 'sweep', GRID[:2]
   workdir.mkdir()
   args = sweep_args(workdir, lrs, steps=KILL_STEPS)
+  stub = OpenAIStub()
+  if sampler == 'llm_warm_start':
+    stub.script(json.dumps({'params': {'optim.lr': lrs[1]}, 'reason': 'the larger rate'}))
+    args = [a for a in args if not a.startswith(('--config.sweep.sampler=',
+                                                 '--config.sweep.trials='))]
+    args[2:2] = ['--config.sweep.sampler=llm_warm_start', '--config.sweep.trials=2',
+                 '--config.sweep.llm.warm_start_trials=1', '--config.sweep.startup_trials=1',
+                 f'--config.sweep.llm.base_url={stub.base_url}',
+                 f'--config.sweep.llm.model={stub.model}']
   first, second = (tmp_path / f'worker{k}.log' for k in range(2))
   done, run = workdir / 'trials' / '0' / 'summary.json', workdir / 'trials' / '1'
   worker = start_worker(args, warm_tfds_dir, first)
@@ -266,14 +279,18 @@ def test_killed_worker_restarted_resumes_its_trial_and_keeps_finished_ones(warm_
   assert saved < KILL_STEPS
   before = (done.read_bytes(), done.stat().st_mtime_ns)
 
-  output, = finish([start_worker(args, warm_tfds_dir, second)], [second])
+  try:
+    output, = finish([start_worker(args, warm_tfds_dir, second)], [second])
+  finally:
+    stub.stop()
   _, trials = load_trials('', workdir)
   assert [(t.number, t.state) for t in trials] == [
       (0, TrialState.COMPLETE), (1, TrialState.FAIL), (2, TrialState.COMPLETE)]
   killed, retry = trials[1], trials[2]
   assert retry.system_attrs['failed_trial'] == 1
   assert retry.params == killed.params and retry.user_attrs['workdir'] == 'trials/1'
-  assert sorted(trials[n].params['optim.lr'] for n in (0, 2)) == sorted(lrs)
+  if sampler == 'grid':
+    assert sorted(trials[n].params['optim.lr'] for n in (0, 2)) == sorted(lrs)
   # Resumed from the checkpoint it had: the steps before it were not trained again.
   assert re.search(rf'^Resumed from {re.escape(str(run))}/checkpoints/{saved}\.$', output,
                    re.MULTILINE), output[-3000:]
@@ -289,3 +306,7 @@ def test_killed_worker_restarted_resumes_its_trial_and_keeps_finished_ones(warm_
   report = read_json(workdir / 'report.json')
   assert [(r['number'], r['state']) for r in report['trials']] == [
       (0, 'COMPLETE'), (1, 'FAIL'), (2, 'COMPLETE')]
+  if sampler == 'llm_warm_start':
+    assert [t.user_attrs['proposer'] for t in trials] == ['llm', 'tpe', 'tpe']
+    assert trials[0].params == {'optim.lr': lrs[1]}
+    assert len(stub.requests) == 1 and stub.left == 0  # the restart asked nothing

@@ -51,6 +51,7 @@ class SweepConfig:
   max_retries: int             # how often one trial is retried after its worker died
   max_resource: int            # hyperband: the base's train.num_steps (0 = Optuna's 'auto')
   min_resource: int            # hyperband: the base's train.eval_every (0 = 'auto')
+  startup_trials: int = 10     # tpe/gp/cmaes: random trials before the model is used
   enqueue_base: bool = False   # trial 0 runs the base config's own values
   llm: llm_config.LlmConfig | None = None  # samplers llm and llm_warm_start only
 
@@ -72,7 +73,8 @@ class SweepConfig:
     _needs_package(sweep.sampler)
     for name in ('seeds', 'heartbeat_s'):
       _at_least(f'config.sweep.{name}', sweep[name], 1)
-    for name in ('trials', 'max_retries', 'pruner_startup_trials', 'pruner_warmup_steps'):
+    for name in ('trials', 'max_retries', 'pruner_startup_trials', 'pruner_warmup_steps',
+                 'startup_trials'):
       _at_least(f'config.sweep.{name}', sweep[name], 0)
     if sweep.seeds > 1 and 'seed' not in base:
       raise ValueError(f'config.sweep.seeds={sweep.seeds}: the base config has no `seed` field '
@@ -106,7 +108,8 @@ class SweepConfig:
         baseline=sweep.baseline, pruner_startup_trials=sweep.pruner_startup_trials,
         pruner_warmup_steps=sweep.pruner_warmup_steps, heartbeat_s=sweep.heartbeat_s,
         max_retries=sweep.max_retries, max_resource=train.get('num_steps', 0),
-        min_resource=train.get('eval_every', 0), enqueue_base=enqueue_base, llm=llm)
+        min_resource=train.get('eval_every', 0), startup_trials=sweep.startup_trials,
+        enqueue_base=enqueue_base, llm=llm)
 
 
 def base_params(space: space_lib.SearchSpace, baseline: str = '') -> dict[str, Any]:

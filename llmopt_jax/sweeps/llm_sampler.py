@@ -123,11 +123,14 @@ class LlmSampler(optuna.samplers.BaseSampler):
 
 def make_sampler(sweep: SweepConfig, worker: int = 0) -> LlmSampler:
   """The sweep's LLM sampler: its transport (a server, or a recorded study) and TPE behind
-  it, seeded like the 'tpe' sampler (sampler_seed + the worker's number)."""
+  it, seeded like the 'tpe' sampler (sampler_seed + the worker's number). After a warm start
+  TPE models the LLM's trials at once, rather than first sampling its own random ones."""
+  from llmopt_jax.sweeps import study  # the 'tpe' sampler's construction, shared
   seed = None if sweep.sampler_seed < 0 else sweep.sampler_seed + worker
-  fallback = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
-  transport = replay(sweep) if sweep.llm.backend == 'replay' else _http(sweep)
   llm_trials = sweep.llm.warm_start_trials if sweep.sampler == 'llm_warm_start' else None
+  startup = min(sweep.startup_trials, llm_trials or sweep.startup_trials)
+  fallback = study.tpe(seed, startup)
+  transport = replay(sweep) if sweep.llm.backend == 'replay' else _http(sweep)
   return LlmSampler(sweep, transport, fallback, llm_trials)
 
 

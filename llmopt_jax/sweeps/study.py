@@ -132,15 +132,23 @@ def make_sampler(sweep: SweepConfig, worker: int = 0) -> optuna.samplers.BaseSam
   if sweep.sampler == 'grid':
     return _Grid(sweep.space.grid(), seed=seed)
   seed = None if seed is None else seed + worker
+  startup = sweep.startup_trials
   with _quiet():
     return {
         'random': lambda: optuna.samplers.RandomSampler(seed=seed),
-        # constant_liar: running trials count as bad guesses, so workers spread out
-        'tpe': lambda: optuna.samplers.TPESampler(seed=seed, constant_liar=True),
-        'cmaes': lambda: optuna.samplers.CmaEsSampler(seed=seed),
-        'gp': lambda: optuna.samplers.GPSampler(seed=seed),
+        'tpe': lambda: tpe(seed, startup),
+        'cmaes': lambda: optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup),
+        'gp': lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup),
         'qmc': lambda: optuna.samplers.QMCSampler(seed=seed),
     }[sweep.sampler]()
+
+
+def tpe(seed: int | None, startup_trials: int) -> optuna.samplers.TPESampler:
+  """TPE with `startup_trials` random ones first; constant_liar: running trials count as bad
+  guesses, so concurrent workers spread out."""
+  with _quiet():
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True,
+                                      n_startup_trials=startup_trials)
 
 
 class _Grid(optuna.samplers.GridSampler):
