@@ -6,6 +6,8 @@
 Running again with the same workdir resumes from its last checkpoint.
 """
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -23,6 +25,10 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 1, 'Processes in the run.
 _PROCESS_ID = flags.DEFINE_integer('process_id', 0, 'This process, in [0, num_processes).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Join a multi-process run found by JAX (TPU pod slice, SLURM, MPI).')
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache', os.path.join('~', '.cache', 'llmopt_jax', 'xla'),
+    'Directory of the persistent XLA compilation cache shared by runs; empty = off '
+    '(llmopt_jax/compile_cache.py).')
 
 
 def main(argv: list[str]) -> None:
@@ -30,7 +36,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # JAX and Orbax are chatty at INFO
-  from llmopt_jax import distributed, stages  # after flag parsing: typos fail before JAX starts
+  import jax  # after flag parsing: typos fail before JAX starts
+
+  from llmopt_jax import compile_cache, distributed, stages
   from llmopt_jax.train.loop import NonFiniteError
 
   cli.quiet_library_tracebacks()
@@ -39,6 +47,9 @@ def main(argv: list[str]) -> None:
     distributed.initialize(
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value, auto=_DISTRIBUTED.value)
+    # Multi-process runs (CPU collectives over gloo) compile fresh unless a cache is asked for.
+    if jax.process_count() == 1 or flags.FLAGS['compilation_cache'].present:
+      compile_cache.enable(_COMPILATION_CACHE.value)
     stages.run(_CONFIG.value, _WORKDIR.value)
   cli.run_reporting_errors(run, expected=(ValueError, OSError, NonFiniteError))
 

@@ -242,6 +242,27 @@ def test_rerunning_a_finished_run_does_nothing(cli_env, tmp_path):
   assert step_dirs(workdir / 'checkpoints') == steps
 
 
+def test_a_second_run_compiles_nothing_new_with_the_default_compilation_cache(cli_env,
+                                                                           tmp_path):
+  """main.py keeps compiled programs in ~/.cache/llmopt_jax/xla by default: a first run fills
+  it; a second run of the same config in another workdir finds every program there (it
+  stores no new entry) and ends with the same metrics."""
+  env = {**cli_env, 'HOME': str(tmp_path / 'home'),
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}  # keep even the fast compiles
+  env.pop('JAX_COMPILATION_CACHE_DIR')  # the suite's own cache would take precedence
+  cache = tmp_path / 'home' / '.cache' / 'llmopt_jax' / 'xla'
+  first = main_py(env, TINY, f'--workdir={tmp_path / "first"}')
+  assert first.returncode == 0, explain(first)
+  stored = sorted(os.listdir(cache))
+  assert stored, 'the first run stored no compiled program'
+
+  second = main_py(env, TINY, f'--compilation_cache={cache}', f'--workdir={tmp_path / "second"}')
+  assert second.returncode == 0, explain(second)
+  assert sorted(os.listdir(cache)) == stored  # every program was found, none compiled anew
+  assert (read_json(tmp_path / 'second' / 'summary.json')['final_eval']
+          == read_json(tmp_path / 'first' / 'summary.json')['final_eval'])
+
+
 # ---- SIGKILL, then resume ---------------------------------------------------------------------
 
 # On 8 devices with parameters and optimizer state split 4 x 2 (FSDP x tensor parallel).
