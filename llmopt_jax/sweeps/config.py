@@ -17,6 +17,7 @@ from typing import Any
 
 import ml_collections
 
+from llmopt_jax import checks
 from llmopt_jax.sweeps import llm_config, proposals
 from llmopt_jax.sweeps import space as space_lib
 
@@ -67,15 +68,15 @@ class SweepConfig:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> SweepConfig:
     sweep, base = config.sweep, config.base
-    _choice('config.sweep.sampler', sweep.sampler, SAMPLERS)
-    _choice('config.sweep.pruner', sweep.pruner, PRUNERS)
-    _choice('config.sweep.direction', sweep.direction, DIRECTIONS)
+    checks.choice('config.sweep.sampler', sweep.sampler, SAMPLERS)
+    checks.choice('config.sweep.pruner', sweep.pruner, PRUNERS)
+    checks.choice('config.sweep.direction', sweep.direction, DIRECTIONS)
     _needs_package(sweep.sampler)
     for name in ('seeds', 'heartbeat_s'):
-      _at_least(f'config.sweep.{name}', sweep[name], 1)
+      checks.int_at_least(f'config.sweep.{name}', sweep[name], 1)
     for name in ('trials', 'max_retries', 'pruner_startup_trials', 'pruner_warmup_steps',
                  'startup_trials'):
-      _at_least(f'config.sweep.{name}', sweep[name], 0)
+      checks.int_at_least(f'config.sweep.{name}', sweep[name], 0)
     if sweep.seeds > 1 and 'seed' not in base:
       raise ValueError(f'config.sweep.seeds={sweep.seeds}: the base config has no `seed` field '
                        f'to vary')
@@ -165,16 +166,6 @@ def _check_budget(sampler: str, trials: int, space: space_lib.SearchSpace) -> No
   if trials > size:
     raise ValueError(f'config.sweep.trials={trials} exceeds the grid\'s {size} points; give '
                      f'at most {size}, or 0 for the whole grid')
-
-
-def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
-  if value not in allowed:
-    raise ValueError(f'{field}={value!r}; choose from {list(allowed)}')
-
-
-def _at_least(field: str, value: Any, low: int) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < low:
-    raise ValueError(f'{field}={value!r}: an integer >= {low}')
 
 
 def _needs_package(sampler: str) -> None:

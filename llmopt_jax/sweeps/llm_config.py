@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
+from llmopt_jax import checks
 from llmopt_jax.sweeps import prompt as prompt_lib
 
 LLM_SAMPLERS = ('llm', 'llm_warm_start')
@@ -46,11 +47,11 @@ class LlmConfig:
 
   @classmethod
   def from_config(cls, llm: ml_collections.ConfigDict, sampler: str) -> LlmConfig:
-    _choice('backend', llm.backend, BACKENDS)
+    checks.choice(f'{FIELD}.backend', llm.backend, BACKENDS)
     for name in ('max_attempts', 'max_tokens'):
-      _at_least(name, llm[name], 1)
+      checks.int_at_least(f'{FIELD}.{name}', llm[name], 1)
     for name in ('warm_start_trials', 'history_best', 'history_recent'):
-      _at_least(name, llm[name], 0)
+      checks.int_at_least(f'{FIELD}.{name}', llm[name], 0)
     if sampler == 'llm_warm_start' and llm.warm_start_trials < 1:
       raise ValueError(f'{FIELD}.warm_start_trials={llm.warm_start_trials}: sampler '
                        f'llm_warm_start needs at least 1 trial from the LLM')
@@ -89,13 +90,3 @@ def _template(prompt: str) -> str:
     with open(prompt, encoding='utf-8') as f:
       return f.read()
   return prompt
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-  if value not in allowed:
-    raise ValueError(f'{FIELD}.{name}={value!r}; choose from {list(allowed)}')
-
-
-def _at_least(name: str, value: int, low: int) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < low:
-    raise ValueError(f'{FIELD}.{name}={value!r}: an integer >= {low}')
