@@ -9,6 +9,8 @@ task=lm, the decoder of a pretrain run (or a Hugging Face causal LM) on a text c
   python main.py --config=configs/finetune.py:model=runs/lm --workdir=runs/ft_from_lm
   python main.py --config=configs/finetune.py:task=file --config.data.path=my.csv \
       --config.data.text_field=query --config.data.label_field=intent --workdir=runs/ft_mine
+  python main.py --config=configs/finetune.py --config.data.shots_per_class=10 \
+      --config.data.augment="('synonym:0.2','swap:0.1')" --workdir=runs/ft_10shot_eda
   python main.py --config=configs/finetune.py:task=lm --workdir=runs/ft_lm     # from runs/lm
   python main.py --config=configs/finetune.py:task=lm,peft=lora,model=/path/to/hf_llama \
       --config.data.name=text_file --config.data.path=my.txt --workdir=runs/ft_lm_mine
@@ -70,6 +72,18 @@ def _classifier(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDic
   config.data.max_len = 32                 # tokens; Banking77 queries are ~15 on average
   config.data.balanced = False             # class-balanced sampling of training examples
   config.data.num_shards = 0               # data shards; 0 = one per process
+  # Few-shot (llmopt_jax/data/few_shot.py): K training examples per class, 0 = all of them.
+  # The rest of the training split is kept as unlabelled text; validation and test stay whole.
+  config.data.shots_per_class = 0
+  config.data.shots_seed = -1              # which K examples; -1 = config.seed
+  # Augmentation (llmopt_jax/data/augment/): 'operation:rate' edits applied in order to make
+  # each augmented copy; operations delete, swap, insert, synonym (EDA, WordNet synonyms),
+  # mask, typo, char_drop, case_flip; rate = probability per word (per character for the
+  # last three). () = off. An epoch holds every example as it is plus augment_copies edited
+  # copies with its label, drawn from (seed, epoch, example, copy): resumes stay exact.
+  config.data.augment = ()                 # e.g. ('synonym:0.2', 'swap:0.1')
+  config.data.augment_copies = 1
+  config.data.augment_mask = ''            # what mask writes; '' = the tokenizer's [MASK]
 
   config.head = ml_collections.ConfigDict()
   config.head.pooling = 'mean'             # how MiniLM was trained (sentence-transformers);

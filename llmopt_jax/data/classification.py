@@ -13,6 +13,12 @@ picks a class uniformly, then that class's next example), so a rare intent is se
 as a common one. A shard's position is two integers, (epoch, position), which is all a
 checkpoint needs to resume with the very batches an uninterrupted run would produce.
 
+With an `Augmenter` (data/augment/) an epoch holds each example 1 + copies times: row r of the
+order is copy r // n of example r % n (n examples; copy 0 is the example as it is), and the
+copy's text is edited as a function of (seed, epoch, example, copy), so the position above
+still fixes every batch. Without one, batches are exactly those of a pipeline that never
+heard of augmentation.
+
 Batch (b = rows of this shard, T = seq_len):
   tokens       int32[b, T]
   padding_mask bool[b, T]    True at real tokens
@@ -29,6 +35,7 @@ from collections.abc import Callable
 import numpy as np
 
 from llmopt_jax.data import lm_pipeline
+from llmopt_jax.data.augment.pipeline import Augmenter
 from llmopt_jax.data.labelled import Split
 from llmopt_jax.data.tokenizers import ByteTokenizer, Tokenizer
 
@@ -90,8 +97,12 @@ class ClassificationBatches:
 
   def __init__(self, split: Split, encode: Encode, *, batch_size: int, seed: int,
                shard_index: int = 0, shard_count: int = 1, balanced: bool = False,
-               state: dict[str, int] | None = None):
-    lm_pipeline.check_shard(batch_size, shard_index, shard_count, len(split), 'examples')
+               augment: Augmenter | None = None, state: dict[str, int] | None = None):
+    self._augment = augment
+    # One label per row of an epoch: each example's, once per copy.
+    self._row_labels = np.tile(split.labels, 1 + (augment.copies if augment else 0))
+    lm_pipeline.check_shard(batch_size, shard_index, shard_count, len(self._row_labels),
+                            'examples')
     self._split, self._encode = split, encode
     self._batch_size, self._seed, self._balanced = batch_size, seed, balanced
     self._shard_index, self._shard_count = shard_index, shard_count
@@ -102,17 +113,23 @@ class ClassificationBatches:
     return self
 
   def __next__(self) -> Batch:
-    chunks, needed = [], self._batch_size
+    chunks, epochs, needed = [], [], self._batch_size
     while needed:
       order = self._order(self._epoch)
       chunks.append(order[self._position:self._position + needed])
+      epochs.append(np.full(len(chunks[-1]), self._epoch))
       needed -= len(chunks[-1])
       self._position += len(chunks[-1])
       if self._position == len(order):  # An epoch may end inside a batch; go on to the next.
         self._epoch, self._position = self._epoch + 1, 0
-    picked = np.concatenate(chunks)
-    batch = _batch(self._encode, [self._split.texts[i] for i in picked],
-                   self._split.labels[picked], np.ones(len(picked), np.float32))
+    rows = np.concatenate(chunks)
+    picked, copies = rows % len(self._split), rows // len(self._split)
+    texts = [self._split.texts[i] for i in picked]
+    if self._augment is not None:
+      texts = [self._augment(text, int(epoch), int(i), int(copy))
+               for text, epoch, i, copy in zip(texts, np.concatenate(epochs), picked, copies)]
+    batch = _batch(self._encode, texts, self._split.labels[picked],
+                   np.ones(len(picked), np.float32))
     batch['index'] = picked.astype(np.int32)  # for per-example side data (a teacher cache)
     return batch
 
@@ -135,9 +152,9 @@ class ClassificationBatches:
     self._epoch, self._position = epoch, position
 
   def _order(self, epoch: int) -> np.ndarray:
-    """This shard's example indices for `epoch`, in the order it reads them."""
+    """This shard's rows (example indices, plus n per copy) for `epoch`, in reading order."""
     if epoch not in self._orders:
-      order = epoch_order(self._split.labels, self._seed, epoch, self._balanced)
+      order = epoch_order(self._row_labels, self._seed, epoch, self._balanced)
       self._orders = {epoch: order[self._shard_index::self._shard_count]}  # Keep one epoch.
     return self._orders[epoch]
 

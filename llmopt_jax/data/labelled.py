@@ -51,6 +51,7 @@ class LabelledSplits:
   splits: dict[str, Split]  # 'train', 'validation' and, where the set has one, 'test'
   label_names: tuple[str, ...]  # label id -> name
   validation_note: str  # e.g. 'the file's own val split' or '10% of train, stratified ...'
+  train_note: str = ''  # how train was cut from the file's, e.g. a few-shot subset; '' = not
 
   @property
   def num_classes(self) -> int:
@@ -63,9 +64,10 @@ class LabelledSplits:
 
   def metadata(self) -> dict:
     """JSON-ready facts about the set, for the run's log and summary."""
-    return {'name': self.name, 'num_classes': self.num_classes,
-            'sizes': {name: len(split) for name, split in self.splits.items()},
-            'validation': self.validation_note}
+    facts = {'name': self.name, 'num_classes': self.num_classes,
+             'sizes': {name: len(split) for name, split in self.splits.items()},
+             'validation': self.validation_note}
+    return {**facts, 'train': self.train_note} if self.train_note else facts
 
 
 def encode_labels(names: Sequence[str], label_names: Sequence[str], where: str) -> np.ndarray:

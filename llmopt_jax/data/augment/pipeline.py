@@ -1,0 +1,82 @@
+"""An example's augmented copies, drawn from (seed, epoch, example, copy) alone.
+
+Copy 0 of an example is the example itself; copies 1..N apply the configured operations in
+order (each with its own random stream), so a training epoch holds every original plus N
+edited versions of it, with its label. Because each copy's randomness is a pure function of
+the run's seed, the epoch, the example's index in the training split and the copy number,
+the data pipeline's position (epoch, position) still determines every batch: a run resumed
+from a checkpoint sees bit-identical texts. A copy differs from epoch to epoch, as an image
+augmentation does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from llmopt_jax.data.augment import chars, words
+
+# name -> operation(text, rate, rng, ...) -> text. 'mask' takes its token as `token`.
+OPERATIONS: dict[str, Callable[..., str]] = {
+    'delete': words.delete, 'swap': words.swap, 'insert': words.insert,
+    'synonym': words.synonym, 'mask': words.mask,
+    'typo': chars.typo, 'char_drop': chars.char_drop, 'case_flip': chars.case_flip,
+}
+# Mixed into every augmentation seed, so these streams never coincide with the epoch order's
+# (which is drawn from [seed, epoch]).
+_STREAM = 0x41554754  # 'AUGT'
+# The mask token when the tokenizer has neither a mask nor an unknown token (byte and
+# byte-level BPE tokenizers, which can spell any text).
+PLACEHOLDER = '_'
+
+Edit = Callable[[str, np.random.Generator], str]  # text, rng -> edited text
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmenter:
+  """`augmenter(text, epoch, index, copy)` is copy `copy` of example `index` in `epoch`."""
+  edits: tuple[Edit, ...]  # the configured operations with their rates bound, in order
+  copies: int              # augmented copies per example (the original is copy 0)
+  seed: int
+
+  def __call__(self, text: str, epoch: int, index: int, copy: int) -> str:
+    if copy == 0:
+      return text
+    edited = text
+    for position, edit in enumerate(self.edits):
+      rng = np.random.default_rng([_STREAM, self.seed, epoch, index, copy, position])
+      edited = edit(edited, rng)
+    return edited if edited.strip() else text
+
+
+def bind(name: str, rate: float, mask_token: str = '[MASK]') -> Edit:
+  """Operation `name` at `rate` as an edit of (text, rng)."""
+  extra = {'token': mask_token} if name == 'mask' else {}
+  return functools.partial(_apply, OPERATIONS[name], rate, extra)
+
+
+def _apply(operation: Callable[..., str], rate: float, extra: dict, text: str,
+           rng: np.random.Generator) -> str:
+  return operation(text, rate, rng, **extra)
+
+
+def tokenizer_mask(tokenizer_dir: str | None) -> str:
+  """The mask token a Hugging Face tokenizer directory declares ([MASK] for BERT and MiniLM,
+  <mask> for RoBERTa), else its unknown token (<unk> for Llama), else `PLACEHOLDER`: each of
+  those is a single token id when it appears in a text."""
+  path = os.path.join(tokenizer_dir or '', 'tokenizer_config.json')
+  if not tokenizer_dir or not os.path.exists(path):
+    return PLACEHOLDER
+  with open(path, encoding='utf-8') as f:
+    fields = json.load(f)
+  for key in ('mask_token', 'unk_token'):
+    token = fields.get(key)
+    token = token.get('content') if isinstance(token, dict) else token
+    if isinstance(token, str) and token.strip():
+      return token
+  return PLACEHOLDER
