@@ -7,6 +7,10 @@
   intents.py           the shipped intent sets, Banking77 and CLINC150
   classification.py    sharded, resumable (optionally class-balanced) classification batches
   utf8.py              users' text files decoded strictly: the offset of the first bad byte
+  few_shot.py          K-shot training subsets by seed; the rest kept as unlabelled text
+  augment/             text augmentation in the pipeline (EDA, character noise, masking) and
+                       the WordNet-derived synonym table, with its license
+  mixture.py           multi-task mixtures: rates and a resumable task schedule
   tiny_shakespeare/    the shipped corpus and its TFDS builder
   banking77/, clinc150/  the shipped intent data, with their PROVENANCE.md
 
