@@ -232,6 +232,21 @@ def test_chat_prompt_is_the_checkpoints_template(lm, lm_dir):
   assert status == 200 and plain['choices'][0]['text'] == choice['message']['content']
 
 
+def test_the_projects_chat_client_reads_the_servers_answers(lm):
+  """The client the sweep advisor and the rewriters use (openai_client.ChatClient) speaks to
+  this server: it finds it, and its answer is the server's own chat completion."""
+  from llmopt_jax.openai_client import ChatClient
+  _, models, _ = _call(f'{lm.url}/v1/models')
+  client = ChatClient(f'{lm.url}/v1', models['data'][0]['id'], temperature=0.0, max_tokens=8)
+  client.check_reachable()
+  messages = [{'role': 'user', 'content': 'how are you today'}]
+  answer = client.chat(messages)
+  status, body, _ = _call(f'{lm.url}/v1/chat/completions',
+                          {'messages': messages, 'max_tokens': 8, 'temperature': 0.0})
+  assert status == 200 and answer.text == body['choices'][0]['message']['content']
+  assert answer.usage['total_tokens'] == body['usage']['total_tokens']
+
+
 TOO_LONG = _words(40, seed=9)
 BAD_REQUESTS = {  # name: (endpoint, body, status, the field the message must name)
     'bad_json': ('completions', b'{"prompt": "w1",', 400, 'JSON'),
