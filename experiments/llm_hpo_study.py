@@ -3,7 +3,7 @@
   python experiments/llm_hpo_study.py --objective=synthetic            # seconds
   python experiments/llm_hpo_study.py --objective=banking77            # ~1 h on 2 CPU cores
   python experiments/llm_hpo_study.py --objective=banking77 --trials=10 --seeds=0,1,2 \
-      --samplers=llm,llm_warm_start,tpe,random --out=experiments/results/llm_hpo.md
+      --samplers=llm,llm_warm_start,tpe,random --out=experiments/results/llm_hpo_banking77.md
 
 Samplers: `llm` (every trial from the advisor), `llm_warm_start` (its first
 `warm_start_trials`, TPE after), `tpe` and `random`, the last two seeded with the default
@@ -175,7 +175,7 @@ def main(argv: list[str]) -> None:
   if _OUT.value:
     with open(_OUT.value, 'w', encoding='utf-8') as f:
       f.write(report)
-    _plot(studies, seeds, os.path.splitext(_OUT.value)[0] + f'_{_OBJECTIVE.value}.png')
+    _plot(studies, seeds, os.path.splitext(_OUT.value)[0] + '.png')
 
 
 def _report(studies: dict, seeds: list[int], advisor: str) -> str:
