@@ -72,8 +72,8 @@ REAL_SPACE = {'optim.lr': ('float', 1e-4, 1e-2, 'log'),
               'train.batch_size': ('categorical', (16, 32, 64))}
 
 
-def surrogate(p: dict, rng: random.Random) -> tuple[float, float]:
-  """(validation accuracy, seconds) of the synthetic fine-tune with parameters `p`."""
+def surrogate(p: dict, rng: random.Random) -> tuple[float, float, int]:
+  """(validation accuracy, seconds, training examples) of the synthetic fine-tune `p`."""
   batch, steps = p['train.batch_size'], p['train.num_steps']
   lr_best = 4e-4 * math.sqrt(batch / 32)
   epochs = steps * batch / 9000
@@ -81,7 +81,8 @@ def surrogate(p: dict, rng: random.Random) -> tuple[float, float]:
              + 0.02 * ((p['optim.weight_decay'] - 0.05) / 0.1) ** 2
              + 0.015 * ((p['optim.warmup_steps'] / steps - 0.05) / 0.1) ** 2
              + 0.03 * math.log2(epochs / 6) ** 2)
-  return max(0.0, OPTIMUM - penalty) + rng.gauss(0, 0.003), steps * batch / 32 * 0.8
+  return (max(0.0, OPTIMUM - penalty) + rng.gauss(0, 0.003), steps * batch / 32 * 0.8,
+          steps * batch)
 
 
 def sweep_fields(sampler: str, seed: int, base_url: str, model: str) -> dict[str, str]:
@@ -94,7 +95,7 @@ def sweep_fields(sampler: str, seed: int, base_url: str, model: str) -> dict[str
 
 
 def synthetic_study(sampler: str, seed: int, base_url: str, model: str) -> list[tuple]:
-  """[(value, seconds)] of one synthetic study, in trial order (in process, no training)."""
+  """[(value, seconds, examples)] of one synthetic study, in trial order (in process)."""
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'tests'))
   from conftest import load_config
   config = load_config('sweep')
@@ -113,15 +114,16 @@ def synthetic_study(sampler: str, seed: int, base_url: str, model: str) -> list[
 
   def objective(trial: optuna.Trial) -> float:
     _, params = sweep.space.suggest(trial)
-    value, seconds = surrogate(params, rng)
-    results.append((value, seconds))
-    return value
+    result = surrogate(params, rng)
+    results.append(result)
+    return result[0]
   study.optimize(objective, n_trials=_TRIALS.value)
   return results
 
 
 def banking77_study(sampler: str, seed: int, base_url: str, model: str) -> list[tuple]:
-  """[(value, seconds)] of one real study: the sweep stage in its own process."""
+  """[(value, seconds, examples)] of one real study: the sweep stage in its own process (a
+  finished study's command only rewrites its report, so rerunning this script is cheap)."""
   workdir = os.path.join(_WORKDIR.value, f'{sampler}_seed{seed}')
   args = [sys.executable, 'main.py', '--config=configs/sweep.py:base=finetune,base_arg=tiny',
           f'--config.base.seed={seed}', '--config.base.train.eval_batches=8',
@@ -134,7 +136,15 @@ def banking77_study(sampler: str, seed: int, base_url: str, model: str) -> list[
     subprocess.run(args, cwd=repo, check=True, stdout=log, stderr=subprocess.STDOUT)
   with open(os.path.join(workdir, 'report.json'), encoding='utf-8') as f:
     trials = sorted(json.load(f)['trials'], key=lambda t: t['number'])
-  return [(t['value'], t['seconds']) for t in trials if t['state'] == 'COMPLETE']
+  return [(t['value'], t['seconds'], _examples(os.path.join(workdir, t['workdir'])))
+          for t in trials if t['state'] == 'COMPLETE']
+
+
+def _examples(run: str) -> int:
+  """Training examples a run processed (batch size x steps), from its config.json."""
+  with open(os.path.join(run, 'config.json'), encoding='utf-8') as f:
+    train = json.load(f)['train']
+  return train['batch_size'] * train['num_steps']
 
 
 def _set(section, dotted: str, text: str) -> None:
@@ -146,7 +156,7 @@ def _set(section, dotted: str, text: str) -> None:
 
 
 def best_after(results: list[tuple], n: int) -> float:
-  return max(v for v, _ in results[:n])
+  return max(r[0] for r in results[:n])
 
 
 def summary(values: list[float], spec: str = '.4f') -> str:
@@ -168,7 +178,7 @@ def main(argv: list[str]) -> None:
   for sampler in _SAMPLERS.value:
     for seed in seeds:
       studies[sampler, seed] = run(sampler, seed, base_url, model)
-      print(f'{sampler} seed {seed}: ' + ', '.join(f'{v:.4f}' for v, _ in
+      print(f'{sampler} seed {seed}: ' + ', '.join(f'{r[0]:.4f}' for r in
                                                   studies[sampler, seed]), flush=True)
   report = _report(studies, seeds, advisor)
   print(report)
@@ -178,6 +188,11 @@ def main(argv: list[str]) -> None:
     _plot(studies, seeds, os.path.splitext(_OUT.value)[0] + '.png')
 
 
+_COST = {'synthetic': 'Trial-seconds are the cost model\'s (one step of 32 = 0.8 s).',
+         'banking77': 'Trial-seconds are measured and depend on the machine\'s load; training '
+                      'examples (batch size x steps, summed over the trials) do not.'}
+
+
 def _report(studies: dict, seeds: list[int], advisor: str) -> str:
   n = _TRIALS.value
   rows = []
@@ -185,13 +200,16 @@ def _report(studies: dict, seeds: list[int], advisor: str) -> str:
     runs = [studies[sampler, s] for s in seeds]
     rows.append([sampler, summary([best_after(r, 5) for r in runs]),
                  summary([best_after(r, n) for r in runs]),
-                 summary([sum(t for _, t in r) for r in runs], '.0f')])
+                 summary([sum(t[1] for t in r) for r in runs], '.0f'),
+                 summary([sum(t[2] for t in r) / 1000 for r in runs], '.1f')])
   table = compare.markdown_table(
-      ['sampler', 'best after 5 trials', f'best after {n} trials', 'trial-seconds'], rows)
+      ['sampler', 'best after 5 trials', f'best after {n} trials', 'trial-seconds',
+       'training examples (thousands)'], rows)
   optimum = f'; known optimum {OPTIMUM} (+ noise)' if _OBJECTIVE.value == 'synthetic' else ''
   return (f'## {_OBJECTIVE.value}: {n} trials a study, seeds {seeds}{optimum}\n\n'
           f'Advisor of llm / llm_warm_start: {advisor}. Metric: validation accuracy '
-          f'(mean ± sample std over the {len(seeds)} study seeds).\n\n{table}\n\n'
+          f'(mean ± sample std over the {len(seeds)} study seeds). {_COST[_OBJECTIVE.value]}'
+          f'\n\n{table}\n\n'
           f'Command: `python {" ".join(sys.argv)}`; {datetime.date.today()}, '
           f'{platform.machine()} {os.cpu_count()} cores.\n')
 
