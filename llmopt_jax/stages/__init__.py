@@ -21,6 +21,7 @@ STAGES = {
     'finetune': 'llmopt_jax.stages.finetune',
     'finetune_lm': 'llmopt_jax.stages.finetune_lm',
     'distill': 'llmopt_jax.stages.distill',
+    'multitask': 'llmopt_jax.stages.multitask',
     'ptq': 'llmopt_jax.stages.ptq',
     'qat': 'llmopt_jax.stages.qat',
     'prune': 'llmopt_jax.stages.prune',
