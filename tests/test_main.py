@@ -190,7 +190,8 @@ COVERED_ELSEWHERE += ('configs/generate.py',)
 START_FIELDS = {'finetune': ('init.model',),
                 'distill': ('init.model', 'teacher.config.init.model'),
                 'ptq': ('init.model', 'source.config.init.model'),
-                'qat': ('init.model', 'source.config.init.model')}
+                'qat': ('init.model', 'source.config.init.model'),
+                'multitask': ('init.model',)}
 
 
 @pytest.mark.parametrize('config_file',
