@@ -9,6 +9,9 @@
       --config.distill.attention_weight=1 --workdir=runs/distill_all
   python main.py --config=configs/distill.py --config.distill.mode=cached --workdir=runs/dc
   python main.py --config=configs/distill.py:task=lm --workdir=runs/distill_lm
+  python main.py --config=configs/distill.py --config.data.shots_per_class=10 \
+      --config.distill.mode=online --config.distill.transfer=rest \
+      --config.data.augment="('synonym:0.2','swap:0.1')" --workdir=runs/distill_10shot_transfer
 
 The run trains (or reuses) the teacher, then two students of the same size from the same
 start: one on labels only, one distilled; it ends with a table of teacher and students
@@ -29,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = configlib.parse_arg(arg, tiny=False, task='banking77', mesh='data')
   if arg.task == 'lm':
     return _language_model(arg)
-  base = dict(tiny=arg.tiny, task=arg.task, mesh=arg.mesh)
+  base = {'tiny': arg.tiny, 'task': arg.task, 'mesh': arg.mesh}
   config = configlib.sibling('finetune', **base)  # the student trains like a fine-tune
   config.stage = 'distill'
   config.task = 'classification'
@@ -40,6 +43,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # distilled one gains over it came through the distillation loss.
   config.student = _student(num_layers=2, init='pretrained')
   config.distill = _distill(alpha=0.7, temperature=2.0)
+  # A transfer set (llmopt_jax/distill/transfer.py): text only the teacher labels, read beside
+  # the labelled rows of each step (label weight 0, KD weight 1). 'rest' = the training
+  # examples a few-shot cut (data.shots_per_class) left out, their labels unread; or a
+  # .txt/.csv/.tsv/.jsonl file of texts. '' = off. Online mode only, like data.augment.
+  config.distill.transfer = ''
+  config.distill.transfer_batch_size = 32  # transfer rows per step; a multiple of batch_size
+  # The teacher's labels under a few-shot cut (llmopt_jax/distill/teacher_labels.py): -1 = the
+  # students' cut (labels have run out for everyone), 0 = the whole training split (TinyBERT's
+  # setting), K = K per class, drawn with the students' few-shot seed.
+  config.teacher.shots_per_class = -1
   # The teacher's logits of a training query never change (no augmentation, no dropout in the
   # teacher), so one pass over the training set replaces a teacher forward in every step: the
   # same loss as online when top_k covers every class (tested), for half the student's time.
@@ -66,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _language_model(arg) -> ml_collections.ConfigDict:
   """task=lm: a pretrained decoder (configs/pretrain.py) into a 2-layer one, same width."""
-  base = dict(tiny=arg.tiny, mesh=arg.mesh)
+  base = {'tiny': arg.tiny, 'mesh': arg.mesh}
   config = configlib.sibling('pretrain', **base)
   config.stage = 'distill'
   config.task = 'lm'

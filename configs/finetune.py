@@ -11,6 +11,8 @@ task=lm, the decoder of a pretrain run (or a Hugging Face causal LM) on a text c
       --config.data.text_field=query --config.data.label_field=intent --workdir=runs/ft_mine
   python main.py --config=configs/finetune.py --config.data.shots_per_class=10 \
       --config.data.augment="('synonym:0.2','swap:0.1')" --workdir=runs/ft_10shot_eda
+  python main.py --config=configs/finetune.py --config.data.shots_per_class=10 \
+      --config.consistency.weight=1 --workdir=runs/ft_10shot_uda      # + the unlabelled rest
   python main.py --config=configs/finetune.py:task=lm --workdir=runs/ft_lm     # from runs/lm
   python main.py --config=configs/finetune.py:task=lm,peft=lora,model=/path/to/hf_llama \
       --config.data.name=text_file --config.data.path=my.txt --workdir=runs/ft_lm_mine
@@ -84,6 +86,23 @@ def _classifier(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDic
   config.data.augment = ()                 # e.g. ('synonym:0.2', 'swap:0.1')
   config.data.augment_copies = 1
   config.data.augment_mask = ''            # what mask writes; '' = the tokenizer's [MASK]
+
+  # Consistency training (UDA, llmopt_jax/tasks/consistency_training.py): each step also reads
+  # unlabelled text, clean and augmented, and adds weight * KL(sharpened clean prediction ||
+  # augmented prediction) over the confident rows to the labelled cross entropy.
+  config.consistency = ml_collections.ConfigDict()
+  config.consistency.weight = 0.0          # 0 = off; UDA uses 1
+  config.consistency.temperature = 0.4     # sharpens the clean target (UDA's 0.4)
+  config.consistency.confidence = 0.8      # rows whose clean prediction is less sure are left
+                                           # out (UDA's 0.8; with 77 classes few pass early on)
+  # Unlabelled rows per step, a multiple of train.batch_size. UDA reads 3x the labelled batch;
+  # 1x here, because each unlabelled row costs two forward passes on a CPU budget.
+  config.consistency.unlabelled_batch_size = 32
+  # The augmented view's edits, as in data.augment ('operation:rate').
+  config.consistency.augment = ('synonym:0.3', 'delete:0.1')
+  # 'rest' = the training split's remainder after data.shots_per_class (needs a few-shot cut);
+  # or a .txt (one text per line), .csv/.tsv or .jsonl file read at data.text_field.
+  config.consistency.source = 'rest'
 
   config.head = ml_collections.ConfigDict()
   config.head.pooling = 'mean'             # how MiniLM was trained (sentence-transformers);

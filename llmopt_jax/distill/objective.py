@@ -8,7 +8,8 @@ temperature follow schedules of the step. The teacher's parameters arrive as the
 constants (`context.constants`): the teacher is merged from them and run without dropout,
 inside the same jitted step, sharded on the same mesh, never updated. In cached mode the
 teacher is not needed at all: its top-k logits ride in the batch (`teacher_values`,
-`teacher_indices`, see `cache.py`).
+`teacher_indices`, see `cache.py`). With a transfer set (`transfer.py`) the batch's transfer
+rows join it inside the step: the distillation terms cover them, the hard-label loss does not.
 
 Which terms exist is decided once, when the loss is built, from the config; the traced step
 has no branches on it.
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from llmopt_jax.distill import losses, schedules
+from llmopt_jax.distill import losses, schedules, transfer as transfer_lib
 from llmopt_jax.distill.student import DistillStudent
 from llmopt_jax.metrics import MetricSums
 
@@ -55,6 +56,8 @@ class DistillConfig:
   attention_weight: float
   attention_kind: str
   layer_map: tuple[int, ...]   # 1-based teacher block whose output student block i learns
+  # Batches carry transfer rows (`transfer.py`): text the teacher labels, label weight 0.
+  transfer: bool = False
 
   @property
   def needs_intermediates(self) -> bool:
@@ -79,6 +82,10 @@ class DistillConfig:
     if d.mode == 'cached' and (d.hidden_weight or d.attention_weight or d.divergence != 'forward'):
       raise ValueError('config.distill.mode=cached keeps only the teacher\'s top-k logits: '
                        'set hidden_weight and attention_weight to 0 and divergence=forward')
+    transfer = transfer_lib.transfer_source(d)
+    if d.mode == 'cached' and transfer:
+      raise ValueError(f'config.distill.transfer={transfer!r} needs mode=online: the cached '
+                       f'teacher holds the logits of the training texts only')
     return cls(
         mode=d.mode,
         alpha=schedules.make(d.alpha_schedule, d.alpha, d.alpha_end, num_steps,
@@ -87,7 +94,8 @@ class DistillConfig:
                                    num_steps, field='config.distill.temperature_schedule'),
         divergence=d.divergence, hidden_weight=float(d.hidden_weight), hidden_kind=d.hidden_kind,
         attention_weight=float(d.attention_weight), attention_kind=d.attention_kind,
-        layer_map=losses.parse_layer_map(d.layer_map, num_student_layers, num_teacher_layers))
+        layer_map=losses.parse_layer_map(d.layer_map, num_student_layers, num_teacher_layers),
+        transfer=bool(transfer))
 
 
 def _choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -108,19 +116,24 @@ def make_loss_fn(cfg: DistillConfig, io: ModelIO, teacher_graphdef: nnx.GraphDef
   each distillation term, and the scheduled alpha and temperature.
   """
   cached = cfg.mode == 'cached'
+  # The rows the student and teacher read: the batch's, or with a transfer set those and its
+  # transfer rows, which have KD weight 1 and label weight 0.
+  rows = (transfer_lib.with_transfer_rows if cfg.transfer else
+          lambda batch, kd_weights: (batch, kd_weights))
 
   def loss_fn(model: DistillStudent, batch: dict, rngs: nnx.Rngs | None, context) -> tuple:
     alpha, temperature = cfg.alpha(context.step), cfg.temperature(context.step)
+    batch, kd_weights = rows(batch, io.kd_weights(batch))
     logits, inner = io.forward(model.student, batch, rngs, cfg.needs_intermediates)
     sums = dict(io.hard_metrics(logits, batch))
     n = sums['loss'][1]
     if cached:
       kd = losses.topk_kd(logits, batch['teacher_values'], batch['teacher_indices'],
-                          io.kd_weights(batch), temperature=temperature)
+                          kd_weights, temperature=temperature)
     else:
       teacher = nnx.merge(teacher_graphdef, context.constants)
       teacher_logits, teacher_inner = io.forward(teacher, batch, None, cfg.needs_intermediates)
-      kd = losses.logit_kd(logits, teacher_logits, io.kd_weights(batch),
+      kd = losses.logit_kd(logits, teacher_logits, kd_weights,
                            temperature=temperature, divergence=cfg.divergence)
     objective = (1.0 - alpha) * _mean(sums['loss']) + alpha * _mean(kd)
     sums['kd_loss'] = kd

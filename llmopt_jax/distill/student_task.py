@@ -17,7 +17,8 @@ import ml_collections
 from flax import nnx
 
 from llmopt_jax import sharding
-from llmopt_jax.distill import cache, objective, student as student_lib
+from llmopt_jax.data.augment.config import AugmentConfig
+from llmopt_jax.distill import cache, objective, student as student_lib, teacher_labels, transfer
 from llmopt_jax.hf.load import build
 from llmopt_jax.tasks.finished import FinishedModel, ModelCard
 from llmopt_jax.tasks.problem import Problem
@@ -41,6 +42,24 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
   fields = ml_collections.ConfigDict(config.distill.to_dict())
   fields.layer_map = ''  # checked against the teacher's depth once it is known
   objective.DistillConfig.from_config(fields, config.train.num_steps, 1, 1)
+  _check_training_text(config)
+  teacher_labels.teacher_cut(config)
+
+
+def _check_training_text(config: ml_collections.ConfigDict) -> None:
+  """The text the students train on suits the distillation mode (one-line errors)."""
+  if config.get('task', 'classification') == 'classification':
+    augment = AugmentConfig.from_config(config.data)
+    if config.distill.mode == 'cached' and augment.enabled:
+      raise ValueError(f'config.data.augment={config.data.augment!r} needs '
+                       f'config.distill.mode=online: the cached teacher holds the logits of the '
+                       f'original training texts, not of their augmented copies')
+  weight = config.get('consistency', {}).get('weight', 0)
+  if weight:
+    raise ValueError(f'config.consistency.weight={weight}: the students of a distillation '
+                     f'train without consistency training; set 0 (config.distill.transfer '
+                     f'gives the distilled student unlabelled text through the teacher)')
+  transfer.transfer_stream(config)
 
 
 def student_card(config: ml_collections.ConfigDict, teacher: FinishedModel) -> ModelCard:

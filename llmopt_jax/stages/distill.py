@@ -7,6 +7,11 @@ the same size from the same start (`config.student.init`): one on the labels onl
 its own checkpoints, its own model card and the same batches -> every model scored on the
 same held-out batches, sized from its arrays, timed at batch 1 and 64 -> report.md / .json.
 
+With a few-shot split (config.data.shots_per_class) the students learn from K labelled
+examples per class, and the teacher from the cut config.teacher.shots_per_class names (the
+same by default; `distill/teacher_labels.py`); a transfer set (config.distill.transfer,
+`distill/transfer.py`) adds text only the teacher labels.
+
 Every sub-run resumes like any run, so an interrupted distillation continues where it stopped
 and a finished one only rebuilds the report. Fields: configs/distill.py and
 `llmopt_jax/distill/objective.py` (`DistillConfig`).
@@ -20,7 +25,7 @@ from typing import Any
 
 from llmopt_jax import report, sharding, stages
 from llmopt_jax import workdir as workdir_lib
-from llmopt_jax.distill import student_task
+from llmopt_jax.distill import student_task, teacher_labels
 from llmopt_jax.tasks import finished, problem as problem_lib, scoring
 from llmopt_jax.train import loop
 from llmopt_jax.train.config import TrainConfig
@@ -28,14 +33,16 @@ from llmopt_jax.train.config import TrainConfig
 
 def run(config, workdir: str) -> dict[str, Any]:
   train = TrainConfig.from_config(config)  # every bad field fails before anything is written
+  student_task.check_fields(config)  # and before the teacher, which may take a while to train
   workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
-  student_task.check_fields(config)  # before the teacher, which may take a while to train
+  # A teacher trained here learns from the labels config.teacher.shots_per_class names.
   teacher_dir = stages.finished_run(config.teacher.workdir, 'config.teacher.workdir',
-                                    os.path.join(workdir, 'teacher'), config.teacher.config,
-                                    config.task)
+                                    os.path.join(workdir, 'teacher'),
+                                    teacher_labels.teacher_config(config), config.task)
   mesh, rules = sharding.from_config(config.mesh)
   teacher = finished.load(teacher_dir, mesh, rules, dtype=config.teacher.dtype)
+  teacher_labels.check_teacher(config, teacher)
   problem = problem_lib.make(config, teacher)
 
   rows = [scoring.score('teacher', teacher.graphdef, teacher.params, problem, mesh, rules)]

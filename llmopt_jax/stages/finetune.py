@@ -23,6 +23,10 @@ from llmopt_jax.train.config import TrainConfig
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train = TrainConfig.from_config(config)  # every bad field fails before anything is written
   lora_cfg = lora.from_config(config.peft)
+  # Checked here too (fine_tuning reads them again), so a bad data field is one line and an
+  # untouched workdir.
+  classification.training_data_options(config)
+  classification.unlabelled_options(config)
   workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
   built = classification.fine_tuning(config, lora_cfg)

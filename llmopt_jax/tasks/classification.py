@@ -6,7 +6,11 @@ decoder) + a pooling/classification head -> a `Task` (cross entropy with optiona
 smoothing; accuracy, confusion counts) with balanced or shuffled training batches, sharded per
 process, and fixed validation and test batches. Optionally the training split is cut to K
 examples per class (`data/few_shot.py`) and its batches carry augmented copies of each
-example (`data/augment/`); validation and test are never touched by either.
+example (`data/augment/`); validation and test are never touched by either. Training batches
+may also carry unlabelled text (`data/unlabelled.py`): for consistency training
+(`config.consistency`, `consistency_training.py`), whose term then joins the loss, or for a
+distillation's transfer set (`config.distill.transfer`, `distill/transfer.py`), which the
+distillation objective reads; one of the two at most.
 """
 
 from __future__ import annotations
@@ -18,15 +22,23 @@ import ml_collections
 import numpy as np
 
 from llmopt_jax import classification_metrics, distributed, lora, report
-from llmopt_jax.data import classification, intents, labelled, lm_pipeline
+from llmopt_jax.data import classification, intents, labelled, lm_pipeline, unlabelled
 from llmopt_jax.data.augment.config import AugmentConfig
+from llmopt_jax.data.augment.pipeline import Augmenter
 from llmopt_jax.data.few_shot import FewShotConfig
+from llmopt_jax.data.unlabelled import UnlabelledConfig
+from llmopt_jax.distill import transfer
 from llmopt_jax.hf.load import build
 from llmopt_jax.models.heads import HeadConfig
-from llmopt_jax.tasks import peft, starting_point
+from llmopt_jax.tasks import consistency_training, peft, starting_point
+from llmopt_jax.tasks.consistency_training import ConsistencyConfig
 from llmopt_jax.tasks.finished import ModelCard
 from llmopt_jax.tasks.starting_point import StartingPoint
 from llmopt_jax.train.task import Task
+
+
+# Added to config.seed for the unlabelled text's augmenter (any constant would do).
+_UNLABELLED_SEED = 0x55444141  # 'UDAA'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +69,25 @@ def training_data_options(config: ml_collections.ConfigDict
           AugmentConfig.from_config(config.data))
 
 
+def unlabelled_options(config: ml_collections.ConfigDict
+                       ) -> tuple[UnlabelledConfig | None, ConsistencyConfig | None]:
+  """(the unlabelled rows training batches carry, consistency training's settings), each
+  None when off, checked like `training_data_options`. The rows serve consistency training
+  or a distillation's transfer set, not both: each would want its own share of the text."""
+  uda = ConsistencyConfig.from_config(config)
+  transfer_rows = transfer.transfer_stream(config)
+  if uda and transfer_rows:
+    raise ValueError('config.consistency.weight and config.distill.transfer both read '
+                     'unlabelled text; set one of them off (weight 0 or transfer \'\')')
+  return (uda.stream if uda else transfer_rows), uda
+
+
 def fine_tuning(config: ml_collections.ConfigDict,
                 lora_cfg: lora.LoraConfig | None) -> ClassificationTask:
   """`config.init.model` with a new head on `config.data`, full, frozen or LoRA."""
   data = config.data
   shots, augment = training_data_options(config)
+  stream, uda = unlabelled_options(config)
   splits = intents.load(
       data.name, path=data.path, text_field=data.text_field, label_field=data.label_field,
       validation_path=data.validation_path, test_path=data.test_path,
@@ -84,19 +110,21 @@ def fine_tuning(config: ml_collections.ConfigDict,
   eval_split = lambda split, limit: classification.eval_batches(
       _subset_order(splits[split], limit), encode, batch_size=per_process, shard_index=me,
       shard_count=processes, max_batches=limit or None)
-  train_data = lm_pipeline.ShardedBatches([
-      classification.ClassificationBatches(
-          splits['train'], encode, batch_size=rows, seed=config.seed, shard_index=shard,
-          shard_count=count, balanced=data.balanced, augment=augmenter)
-      for shard, rows, count in distributed.data_shards(config)])
+  train_data = _training_batches(config, splits['train'], encode, augmenter, stream,
+                                  cut.unlabelled if cut else None, start.tokenizer_dir)
+  if uda is not None:
+    report.say(uda.describe())
   validation = eval_split('validation', config.train.eval_batches)
+  smoothing = config.head.label_smoothing
   task = Task(
       build_model=lambda rngs: build(backbone, head, rngs),
-      loss_fn=_loss_fn(config.head.label_smoothing),
+      loss_fn=(consistency_training.make_loss_fn(uda, classifier_logits, smoothing) if uda
+               else _loss_fn(smoothing)),
       eval_fn=eval_fn,
       train_data=train_data,
       eval_data=lambda: validation,
-      count_tokens=lambda batch: batch['tokens'].size,
+      # Every row the model reads: labelled, and unlabelled in each view.
+      count_tokens=lambda batch: sum(v.size for k, v in batch.items() if k.endswith('tokens')),
       pretrained=start.pretrained(head),
       **peft.lora_fields(lora_cfg, config.seed),
   )
@@ -105,6 +133,31 @@ def fine_tuning(config: ml_collections.ConfigDict,
       start=start, head=head, counts=peft.count_params(task, config.optim.freeze),
       card=start.card(config.stage, head, lora_cfg, tuple(splits.label_names)),
       unlabelled=cut.unlabelled if cut else None)
+
+
+def _training_batches(config: ml_collections.ConfigDict, train: labelled.Split,
+                      encode: classification.Encode, augmenter: Augmenter | None,
+                      stream: UnlabelledConfig | None,
+                      rest: labelled.Split | None, tokenizer_dir: str | None
+                      ) -> lm_pipeline.ShardedBatches:
+  """The data shards this process reads, each with its share of the unlabelled rows if any."""
+  shards = distributed.data_shards(config)
+  batches = [classification.ClassificationBatches(
+      train, encode, batch_size=rows, seed=config.seed, shard_index=shard, shard_count=count,
+      balanced=config.data.balanced, augment=augmenter) for shard, rows, count in shards]
+  if stream is None:
+    return lm_pipeline.ShardedBatches(batches)
+  texts = stream.texts(rest, config.data.text_field)
+  # A seed of its own: the augmented view of unlabelled text i is not edited by the random
+  # numbers that edit labelled example i's copies.
+  unlabelled_augmenter = stream.augment.build(config.seed + _UNLABELLED_SEED, tokenizer_dir)
+  report.say(f'Unlabelled text: {len(texts)} texts from {stream.source!r}, '
+             f'{stream.batch_size} rows per step')
+  return lm_pipeline.ShardedBatches([unlabelled.WithUnlabelled(labelled_shard, (
+      unlabelled.UnlabelledBatches(texts, encode, batch_size=rows * stream.ratio,
+                                   seed=config.seed, shard_index=shard, shard_count=count,
+                                   augment=unlabelled_augmenter)))
+      for labelled_shard, (shard, rows, count) in zip(batches, shards)])
 
 
 def _loss_fn(label_smoothing: float):
