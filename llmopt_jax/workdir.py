@@ -155,7 +155,9 @@ def _check_compatible(workdir: str, new: dict) -> list[str]:
   if old.get('stage') != new.get('stage'):
     raise ValueError(f'--workdir={workdir} holds a run of stage {old.get("stage")!r}, not '
                      f'{new.get("stage")!r}; give this run another --workdir')
-  clashes = [f for f in changed if not f.startswith(COMPATIBLE)]
+  # A field the recorded config lacks was added to the code after the run started; new
+  # fields default to the behaviour the code had before them, so they are no clash.
+  clashes = [f for f in changed if not f.startswith(COMPATIBLE) and _has_field(old, f)]
   if clashes:
     shown = ', '.join(clashes[:6]) + (f' and {len(clashes) - 6} more' if len(clashes) > 6 else '')
     raise ValueError(f'--workdir={workdir} holds a run whose config differs in {shown}: '
@@ -170,6 +172,15 @@ def _has_trained(workdir: str) -> bool:
   saved = os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))
   return (saved or os.path.isdir(os.path.join(workdir, _SWEEP_TRIALS))
           or any(os.path.exists(os.path.join(workdir, name)) for name in _FINISHED))
+
+
+def _has_field(tree: dict, path: str) -> bool:
+  node = tree
+  for key in path.split('.'):
+    if not isinstance(node, dict) or key not in node:
+      return False
+    node = node[key]
+  return True
 
 
 def _differences(old, new, prefix: str = '') -> list[str]:

@@ -11,6 +11,7 @@ pretrain reference of tests/test_chaos.py, made once per test session.
 import os
 import re
 import shutil
+import json
 import signal
 import socket
 import subprocess
@@ -378,3 +379,24 @@ def test_ctrl_c_stops_in_one_line_with_exit_130_and_the_rerun_finishes(
   assert again.returncode == 0, explain(again)
   assert f'Resumed from {checkpoints}/{last}.' in again.stderr, explain(again)
   assert_same_as_reference(ref, workdir)
+
+
+def test_a_field_added_to_the_code_since_the_run_is_no_clash(tmp_path):
+  """A finished run's config.json lacks a field the code added later (a new section, say):
+  resuming with it is accepted and recorded; changing a field the run had is refused."""
+  import ml_collections
+  from llmopt_jax import workdir as workdir_lib
+  old = ml_collections.ConfigDict({'stage': 'finetune', 'optim': {'lr': 1e-4}})
+  workdir_lib.prepare(str(tmp_path), old)
+  workdir_lib.release(str(tmp_path))
+  (tmp_path / 'summary.json').write_text('{}')  # the run has finished
+  newer = ml_collections.ConfigDict({'stage': 'finetune', 'optim': {'lr': 1e-4},
+                                     'consistency': {'weight': 0.0, 'temperature': 0.4}})
+  workdir_lib.prepare(str(tmp_path), newer)
+  workdir_lib.release(str(tmp_path))
+  history = (tmp_path / 'config_history.jsonl').read_text().splitlines()
+  assert json.loads(history[-1])['changed'] == ['consistency.temperature', 'consistency.weight']
+  changed = ml_collections.ConfigDict(newer.to_dict())
+  changed.optim.lr = 3e-4
+  with pytest.raises(ValueError, match='differs in optim.lr'):
+    workdir_lib.prepare(str(tmp_path), changed)
