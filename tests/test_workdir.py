@@ -395,7 +395,7 @@ def test_a_field_added_to_the_code_since_the_run_is_no_clash(tmp_path):
   workdir_lib.prepare(str(tmp_path), newer)
   workdir_lib.release(str(tmp_path))
   history = (tmp_path / 'config_history.jsonl').read_text().splitlines()
-  assert json.loads(history[-1])['changed'] == ['consistency.temperature', 'consistency.weight']
+  assert json.loads(history[-1])['changed'] == ['consistency']
   changed = ml_collections.ConfigDict(newer.to_dict())
   changed.optim.lr = 3e-4
   with pytest.raises(ValueError, match='differs in optim.lr'):
