@@ -11,6 +11,9 @@
   augment/             text augmentation in the pipeline (EDA, character noise, masking) and
                        the WordNet-derived synonym table, with its license
   mixture.py           multi-task mixtures: rates and a resumable task schedule
+  multitask.py         multi-task sources, label blocks and the mixed batch iterator
+  unlabelled.py        unlabelled text beside the labelled batches (consistency training,
+                       distillation transfer sets), paired and resumable
   tiny_shakespeare/    the shipped corpus and its TFDS builder
   banking77/, clinc150/  the shipped intent data, with their PROVENANCE.md
 

@@ -2,6 +2,8 @@
 
   lm.py              next-token prediction on a text corpus (pretraining, the LM fine-tune)
   classification.py  sequence classification on labelled texts
+  consistency_training.py  UDA's consistency term in the classification loss
+  multitask.py       one encoder, a block of classifier outputs per task, per-task metrics
   peft.py            LoRA's `Task` fields and parameter counts
   starting_point.py  a fine-tune's starting weights: Hugging Face, or a finished pretrain run
   finished.py        the one loader of a finished run (its model card and best parameters)
