@@ -132,12 +132,23 @@ def banking77_study(sampler: str, seed: int, base_url: str, model: str) -> list[
                                                              model).items()]
   args += [f'--config.sweep.space.{path}={spec!r}' for path, spec in REAL_SPACE.items()]
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  with open(f'{workdir}.log', 'w', encoding='utf-8') as log:
-    subprocess.run(args, cwd=repo, check=True, stdout=log, stderr=subprocess.STDOUT)
-  with open(os.path.join(workdir, 'report.json'), encoding='utf-8') as f:
-    trials = sorted(json.load(f)['trials'], key=lambda t: t['number'])
+  trials = _finished_trials(workdir)
+  if len(trials) < _TRIALS.value:  # a study finished by an earlier run is read, not rerun
+    with open(f'{workdir}.log', 'w', encoding='utf-8') as log:
+      subprocess.run(args, cwd=repo, check=True, stdout=log, stderr=subprocess.STDOUT)
+    trials = _finished_trials(workdir)
   return [(t['value'], t['seconds'], _examples(os.path.join(workdir, t['workdir'])))
-          for t in trials if t['state'] == 'COMPLETE']
+          for t in trials]
+
+
+def _finished_trials(workdir: str) -> list[dict]:
+  """The COMPLETE trials of the study in `workdir` by number ([] before its report)."""
+  path = os.path.join(workdir, 'report.json')
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    trials = json.load(f)['trials']
+  return sorted((t for t in trials if t['state'] == 'COMPLETE'), key=lambda t: t['number'])
 
 
 def _examples(run: str) -> int:
