@@ -55,16 +55,21 @@ STOPWORDS = frozenset({
 WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
 
+def _records(directory: str, kind: str, pos: str):
+  """The whitespace-split fields of each line of WordNet's `<kind>.<pos>` file, after the
+  license header (its lines start with a space)."""
+  with open(os.path.join(directory, f'{kind}.{POS_FILES[pos]}'), encoding='utf-8') as f:
+    for line in f:
+      if not line.startswith(' '):
+        yield line.split()
+
+
 def read_index(directory: str, pos: str) -> dict[str, list[int]]:
   """lemma -> its synset offsets, most frequent sense first (index.<pos>)."""
   index = {}
-  with open(os.path.join(directory, f'index.{POS_FILES[pos]}'), encoding='utf-8') as f:
-    for line in f:
-      if line.startswith(' '):  # the license header
-        continue
-      fields = line.split()
-      synsets, pointers = int(fields[2]), int(fields[3])
-      index[fields[0]] = [int(o) for o in fields[6 + pointers:6 + pointers + synsets]]
+  for fields in _records(directory, 'index', pos):
+    synsets, pointers = int(fields[2]), int(fields[3])
+    index[fields[0]] = [int(o) for o in fields[6 + pointers:6 + pointers + synsets]]
   return index
 
 
@@ -72,15 +77,11 @@ def read_synsets(directory: str, pos: str) -> dict[int, list[str]]:
   """Synset offset -> its lemmas (data.<pos>). Keyed by each line's own offset field rather
   than by seeking to it: copies with CRLF line ends (as this one) shift the byte offsets."""
   synsets = {}
-  with open(os.path.join(directory, f'data.{POS_FILES[pos]}'), encoding='utf-8') as f:
-    for line in f:
-      if line.startswith(' '):  # the license header
-        continue
-      fields = line.split()
-      count = int(fields[3], 16)
-      # Adjective lemmas may carry a syntactic marker: "galore(ip)".
-      synsets[int(fields[0])] = [re.sub(r'\(\w+\)$', '', fields[4 + 2 * k])
-                                 for k in range(count)]
+  for fields in _records(directory, 'data', pos):
+    count = int(fields[3], 16)
+    # Adjective lemmas may carry a syntactic marker: "galore(ip)".
+    synsets[int(fields[0])] = [re.sub(r'\(\w+\)$', '', fields[4 + 2 * k])
+                               for k in range(count)]
   return synsets
 
 
