@@ -108,7 +108,7 @@ def fine_tuning(config: ml_collections.ConfigDict,
   processes, me = jax.process_count(), jax.process_index()
   per_process = config.train.batch_size // processes
   eval_split = lambda split, limit: classification.eval_batches(
-      _subset_order(splits[split], limit), encode, batch_size=per_process, shard_index=me,
+      subset_order(splits[split], limit), encode, batch_size=per_process, shard_index=me,
       shard_count=processes, max_batches=limit or None)
   train_data = _training_batches(config, splits['train'], encode, augmenter, stream,
                                   cut.unlabelled if cut else None, start.tokenizer_dir)
@@ -176,7 +176,7 @@ def eval_fn(model, batch):
       classifier_logits(model, batch), batch['labels'], batch['weights'])
 
 
-def _subset_order(split, limit: int):
+def subset_order(split, limit: int):
   """The split itself, or, when only `limit` batches are scored, the split in a fixed random
   order, so the scored subset covers the classes (the files are sorted by class)."""
   if not limit:

@@ -43,12 +43,13 @@ from llmopt_jax import classification_metrics, distributed, lora
 from llmopt_jax.data import classification, lm_pipeline, mixture
 from llmopt_jax.data.augment.pipeline import Augmenter
 from llmopt_jax.data.few_shot import FewShotConfig
-from llmopt_jax.data.labelled import LabelledSplits, Split
+from llmopt_jax.data.labelled import LabelledSplits
 from llmopt_jax.data.multitask import LabelBlocks, MixedBatches, TaskSource
 from llmopt_jax.hf.load import build
 from llmopt_jax.models.heads import HeadConfig
 from llmopt_jax.tasks import peft, starting_point
-from llmopt_jax.tasks.classification import classifier_logits, training_data_options
+from llmopt_jax.tasks.classification import (classifier_logits, subset_order,
+                                             training_data_options)
 from llmopt_jax.tasks.finished import ModelCard
 from llmopt_jax.tasks.starting_point import StartingPoint
 from llmopt_jax.train.task import Task
@@ -123,19 +124,10 @@ def _load(config: ml_collections.ConfigDict, source: TaskSource, shots: FewShotC
     scored = _scored(len(splits[split]), rows, processes, limit)
     return [{**b, 'task_weights': b['weights'] / np.float32(scored)}
             for b in classification.eval_batches(
-                _subset_order(splits[split], limit), encode, batch_size=rows, shard_index=me,
+                subset_order(splits[split], limit), encode, batch_size=rows, shard_index=me,
                 shard_count=processes, max_batches=limit or None)]
   return LoadedTask(source, splits, batches('validation', config.train.eval_batches),
                     batches('test', config.test_batches))
-
-
-def _subset_order(split: Split, limit: int) -> Split:
-  """As the fine-tune scores a subset: the split in a fixed random order when only `limit`
-  batches are scored, so the subset covers the classes (files are sorted by class)."""
-  if not limit:
-    return split
-  order = np.random.default_rng(0).permutation(len(split))
-  return Split(tuple(split.texts[i] for i in order), split.labels[order])
 
 
 def _scored(size: int, rows: int, shards: int, limit: int) -> int:
