@@ -56,6 +56,9 @@ TIMEOUT_S = 600   # per main.py process; only stops a hung run
 POLL_S = 0.02
 ORBAX_TMP = 'orbax-checkpoint-tmp'
 TAKEOVER = 'taking over the lock'
+# What the loop logs when a run finds a checkpoint (train/loop.py); a run that started over
+# from step 0 logs neither.
+RESUMED = ('Resumed from', 'Nothing to do')
 # Report fields that measure the machine rather than the model.
 _TIMING = re.compile(r'latency|time|_per_s$')
 
@@ -243,6 +246,8 @@ def trial(env: dict[str, str], ref: Reference, workdir, seed: int, max_kills: in
       problems.append('the rerun after a SIGKILL did not say it took over the lock')
     if last.returncode != 0:
       problems.append(f'the last rerun failed (exit {last.returncode}): {_tail(last.log)}')
+    elif done_commits and not any(word in last.log for word in RESUMED):
+      problems.append('the last rerun started over instead of resuming from a checkpoint')
     else:
       problems += differences(ref.workdir, workdir, ref.stage)
   return Trial(seed, tuple(kills), finished_first, tuple(problems))
@@ -278,6 +283,8 @@ def differences(want: str, got: str, stage: Stage) -> list[str]:
       found.append(f'{name}/checkpoints/{step}: progress record differs')
     if eval_records(b) != eval_records(a):
       found.append(f'{name}/metrics.jsonl: evaluation records differ')
+    if train_log_steps(b) != train_log_steps(a):  # redone steps replace their records
+      found.append(f'{name}/metrics.jsonl: training records at other steps')
   for name in _files(want, 'report.json'):
     a = _portable(read_json(os.path.join(want, name)), want)
     b = _portable(_read_or_none(os.path.join(got, name)), got) or {}
@@ -314,6 +321,14 @@ def eval_records(run_dir) -> list[dict]:
   with open(path, encoding='utf-8') as f:
     records = [json.loads(line) for line in f]
   return [r for r in records if any(k.startswith('eval/') for k in r)]
+
+
+def train_log_steps(run_dir) -> list[int]:
+  path = os.path.join(str(run_dir), 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    return [r['step'] for r in map(json.loads, f) if 'train/loss' in r]
 
 
 def read_json(path) -> Any:

@@ -16,7 +16,7 @@ if 'PYTEST_XDIST_WORKER' not in os.environ and 'JAX_COMPILATION_CACHE_DIR' not i
   import tempfile  # noqa: E402
   _CACHE = tempfile.mkdtemp(prefix='llmopt_jax_xla_cache_')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
-  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'  # every program
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import importlib.util  # noqa: E402  (after the environment above is fixed)

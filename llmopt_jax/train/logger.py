@@ -15,6 +15,27 @@ import jax
 import tqdm
 
 
+def _summary_writer() -> type:
+  """tensorboardX's SummaryWriter, imported without PyTorch.
+
+  tensorboardX imports torch at import time when it is installed, only to accept torch
+  tensors as values: 3 to 5 seconds of every run's start on a 2-core CPU (torch is in the test
+  environment), for scalars that are Python floats here. Hiding torch for the duration of the
+  import makes that `import torch` fail as if torch were absent (tensorboardX handles that);
+  a process that already imported torch keeps it. Imported here, not at the top, so that
+  stages that log no training (predict, generate, serve) skip tensorboardX altogether.
+  """
+  if 'torch' in sys.modules or 'tensorboardX' in sys.modules:
+    from tensorboardX import SummaryWriter  # noqa: PLC0415
+    return SummaryWriter
+  sys.modules['torch'] = None  # an ImportError for `import torch`, for now
+  try:
+    from tensorboardX import SummaryWriter  # noqa: PLC0415
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
 class Logger:
   def __init__(self, workdir: str, *, total_steps: int, start_step: int):
     self.primary = jax.process_index() == 0
@@ -23,10 +44,7 @@ class Logger:
       return
     _drop_records_after(self.path, start_step)
     self._jsonl = open(self.path, 'a', encoding='utf-8')
-    # Imported here: tensorboardX imports PyTorch when it is installed (a second or more),
-    # which every stage that never logs a training run (predict, generate, serve) would pay.
-    from tensorboardX import SummaryWriter  # noqa: PLC0415
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=start_step + 1)
+    self._tb = _summary_writer()(os.path.join(workdir, 'tensorboard'), purge_step=start_step + 1)
     # A live bar on a terminal; in a log file (CI, a cluster job) plain lines at log steps.
     self._interactive = sys.stderr.isatty()
     self._total = total_steps

@@ -1,0 +1,224 @@
+"""Banking77 with 10 labelled examples per class: augmentation, consistency training and
+distillation on a transfer set, each over seeds, as mean +- std and paired differences.
+
+  python experiments/few_shot_study.py --study=augment     # ~1 h on 2 CPU cores
+  python experiments/few_shot_study.py --study=distill     # after augment: its teachers
+  python experiments/few_shot_study.py --study=augment --seeds=0,1,2 --steps=250 \
+      --out=experiments/results/few_shot_banking77.md
+
+Every run is an ordinary `main.py` command (printed, and listed in the report), so any cell
+of a table can be rerun alone. A seed sets the run's seed, and with it which 10 examples of
+each class are the labelled ones (data.shots_seed = -1 follows config.seed), the order, the
+augmentation draws and dropout: variants of one seed share their labelled examples, so their
+per-seed differences are paired.
+
+Studies (configs/finetune.py and configs/distill.py at --steps steps, validation every half,
+the best validation step scored once on the whole Banking77 test split):
+
+  augment: MiniLM fine-tuned on the 10-shot split, without augmentation ('none', the
+      baseline), with one augmented copy per example from each operation (EDA's four together
+      at 0.1 as in Wei & Zou, 2019; synonym replacement alone; keyboard typos; token masking),
+      and with UDA consistency training on the unlabelled rest of the split.
+  distill: the 2-layer student of configs/distill.py, taught by that seed's 'none' fine-tune
+      (the teacher saw the same 10 labels per class), on the 10-shot set alone ('kd', the
+      baseline, with the label-only student beside it), with the EDA copies, with the
+      unlabelled rest as a transfer set, and with both (the augmented transfer set).
+
+A run whose report.json exists is not run again: a stopped study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402  (after the path fix above)
+
+from llmopt_jax import compare  # noqa: E402
+from llmopt_jax.sweeps import stats  # noqa: E402
+
+_STUDY = flags.DEFINE_enum('study', 'augment', ['augment', 'distill'], 'Which study.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Run seeds.')
+_STEPS = flags.DEFINE_integer('steps', 250, 'Training steps of every run (batch 32).')
+_VARIANTS = flags.DEFINE_list('variants', [], "Only these variants ('' = all).")
+_WORKDIR = flags.DEFINE_string('workdir', '/tmp/few_shot_study', 'Where the runs live.')
+_OUT = flags.DEFINE_string('out', '', 'Also write the report (markdown, plus a PNG) here.')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EDA = "('synonym:0.1','insert:0.1','swap:0.1','delete:0.1')"
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  config: str                        # the config file every run starts from
+  baseline: str                      # the variant the others are compared with
+  variants: dict[str, list[str]]     # name -> its command-line overrides
+  metrics: dict[str, str]            # table row -> where in the run's report its accuracy is
+
+
+AUGMENT = Study(
+    config='configs/finetune.py', baseline='none',
+    variants={
+        'none': [],
+        'eda': [f'--config.data.augment={EDA}'],
+        'synonym': ["--config.data.augment=('synonym:0.2',)"],
+        'typo': ["--config.data.augment=('typo:0.05',)"],
+        'mask': ["--config.data.augment=('mask:0.15',)"],
+        'consistency': ['--config.consistency.weight=1.0'],
+    },
+    metrics={'{variant}': 'accuracy'})
+
+DISTILL = Study(
+    config='configs/distill.py', baseline='kd',
+    variants={
+        'kd': [],
+        'kd_eda': [f'--config.data.augment={EDA}', '--config.distill.baseline=False'],
+        'kd_transfer': ['--config.distill.transfer=rest', '--config.distill.baseline=False'],
+        'kd_transfer_eda': [f'--config.data.augment={EDA}', '--config.distill.transfer=rest',
+                            '--config.distill.baseline=False'],
+    },
+    metrics={'labels_only': 'rows.student_labels.accuracy', '{variant}':
+             'rows.student_kd.accuracy'})
+
+
+def common_overrides(steps: int, seed: int) -> list[str]:
+  half = max(1, steps // 2)
+  return ['--config.data.shots_per_class=10', f'--config.seed={seed}',
+          f'--config.train.num_steps={steps}', f'--config.optim.warmup_steps={steps // 10}',
+          f'--config.train.eval_every={half}', f'--config.checkpoint.every_steps={half}',
+          '--config.export=False']
+
+
+def study_overrides(study: str, workdir: str, steps: int, seed: int) -> list[str]:
+  if study == 'augment':
+    return []
+  teacher = run_dir(workdir, 'augment', steps, 'none', seed)
+  if not os.path.exists(os.path.join(teacher, 'report.json')):
+    raise app.UsageError(f'{teacher}: no finished teacher; run --study=augment first '
+                         f'(its none variant, seed {seed})')
+  return [f'--config.teacher.workdir={teacher}', '--config.distill.mode=online']
+
+
+def run_dir(workdir: str, study: str, steps: int, variant: str, seed: int) -> str:
+  return os.path.join(workdir, f'{study}_{steps}', variant, f'seed{seed}')
+
+
+def run(command: list[str], directory: str) -> float:
+  """Runs `command` (a finished run is skipped); its seconds, or 0 when skipped."""
+  if os.path.exists(os.path.join(directory, 'report.json')):
+    return 0.0
+  os.makedirs(directory, exist_ok=True)
+  print('+', ' '.join(command), flush=True)
+  started = time.perf_counter()
+  with open(os.path.join(directory, 'study.log'), 'a', encoding='utf-8') as log:
+    subprocess.run([sys.executable, *command], cwd=REPO, check=True, stdout=log,
+                   stderr=subprocess.STDOUT)
+  return time.perf_counter() - started
+
+
+def read(report: dict, where: str) -> float:
+  """A value of report.json by a dotted path, rows picked by their 'model'."""
+  node = report
+  for part in where.split('.'):
+    if isinstance(node, list):
+      node = next(row for row in node if row.get('model') == part)
+    else:
+      node = node[part]
+  return float(node)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  study = {'augment': AUGMENT, 'distill': DISTILL}[_STUDY.value]
+  seeds, steps = [int(s) for s in _SEEDS.value], _STEPS.value
+  names = [v for v in study.variants if not _VARIANTS.value or v in _VARIANTS.value]
+  values: dict[str, dict[int, float]] = {}
+  seconds: dict[str, list[float]] = {}
+  commands: list[str] = []
+  for seed in seeds:  # seed-major: an early stop still leaves paired seeds
+    for name in names:
+      directory = run_dir(_WORKDIR.value, _STUDY.value, steps, name, seed)
+      command = ['main.py', f'--config={study.config}', *common_overrides(steps, seed),
+                 *study_overrides(_STUDY.value, _WORKDIR.value, steps, seed),
+                 *study.variants[name], f'--workdir={directory}']
+      commands.append(' '.join(command))
+      took = run(command, directory)
+      if took:
+        seconds.setdefault(name, []).append(took)
+      with open(os.path.join(directory, 'report.json'), encoding='utf-8') as f:
+        report = json.load(f)
+      for row, where in study.metrics.items():
+        values.setdefault(row.format(variant=name), {})[seed] = read(report, where)
+      print(f'{name} seed {seed}: ' + ', '.join(
+          f'{row.format(variant=name)} {read(report, where):.4f}'
+          for row, where in study.metrics.items()), flush=True)
+  text = render(study, values, seconds, commands, steps)
+  print(text)
+  if _OUT.value:
+    with open(_OUT.value, 'w', encoding='utf-8') as f:
+      f.write(text)
+    plot(values, study.baseline, os.path.splitext(_OUT.value)[0] + '.png')
+
+
+def render(study: Study, values: dict[str, dict[int, float]], seconds: dict[str, list[float]],
+           commands: list[str], steps: int) -> str:
+  rows = stats.ablation(values, study.baseline, maximize=True)
+
+  def points(s: stats.Summary | None) -> str:
+    if s is None:
+      return ''
+    return f'{100 * s.mean:+.2f} ± {100 * s.std:.2f} [{100 * s.ci_low:+.2f}, {100 * s.ci_high:+.2f}]'
+
+  table = compare.markdown_table(
+      ['variant', 'seeds', 'test accuracy (mean ± std)', 'per seed',
+       f'vs {study.baseline}, points (mean ± std [95% interval])', 's per run'],
+      [[r.variant, r.summary.n, f'{r.summary.mean:.4f} ± {r.summary.std:.4f}',
+        ' '.join(f'{values[r.variant][s]:.4f}' for s in sorted(values[r.variant])),
+        points(r.vs_baseline),
+        f'{sum(seconds[r.variant]) / len(seconds[r.variant]):.0f}'
+        if seconds.get(r.variant) else '']
+       for r in rows])
+  when = datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')
+  return (f'# Few-shot Banking77: {_STUDY.value} study\n\n'
+          f'**Command.** `python experiments/few_shot_study.py --study={_STUDY.value} '
+          f'--seeds={",".join(_SEEDS.value)} --steps={steps}`\n\n'
+          f'**Date.** {when}. **Machine.** {platform.machine()}, {os.cpu_count()} CPU cores, '
+          f'{platform.platform()}.\n\n'
+          f'Test accuracy on the whole Banking77 test split (3,080 queries), each run at its '
+          f'best validation step; paired differences per seed against `{study.baseline}`.\n\n'
+          f'{table}\n## Runs\n\n' + '\n'.join(f'    {c}' for c in commands) + '\n')
+
+
+def plot(values: dict[str, dict[int, float]], baseline: str, path: str) -> None:
+  """Per-seed test accuracy of each variant, the mean as a bar."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  names = list(values)
+  fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.5))
+  for i, name in enumerate(names):
+    seeds = sorted(values[name])
+    points = [100 * values[name][s] for s in seeds]
+    ax.bar(i, sum(points) / len(points), color='tab:orange' if name == baseline else 'tab:blue',
+           alpha=0.5)
+    ax.scatter([i] * len(points), points, color='black', s=12, zorder=3)
+  ax.set_xticks(range(len(names)), names, rotation=20)
+  low = min(100 * v for by_seed in values.values() for v in by_seed.values())
+  ax.set_ylim(low - 3, None)
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_title(f'{_STUDY.value}: bars = mean, dots = seeds (baseline {baseline} in orange)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+if __name__ == '__main__':
+  app.run(main)
