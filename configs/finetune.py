@@ -149,6 +149,13 @@ def _language_model(config: ml_collections.ConfigDict, arg: ml_collections.Confi
   config.data.eval_split = 'validation'
   config.data.seq_len = 128
   config.data.num_shards = 0               # data shards; 0 = one per process
+  # Augmentation of the training documents, as configs/pretrain.py's: 'operation:rate' edits
+  # (delete, swap, insert, synonym, mask, typo, char_drop, case_flip) make each copy; () = off.
+  # An epoch reads every document as it is plus augment_copies edited copies.
+  config.data.augment = ()                 # e.g. ('swap:0.1', 'delete:0.1')
+  config.data.augment_copies = 1
+  config.data.augment_mask = ''            # what mask writes; '' = the tokenizer's mask or
+                                           # unknown token (never its end-of-text)
 
   # Lower than pretraining's 3e-3: the weights are already good and easily forgotten.
   config.optim = configlib.optimizer(lr=3e-4 if arg.peft == 'none' else 2e-3, warmup_steps=20)

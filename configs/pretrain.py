@@ -44,6 +44,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.seq_len = 128
   config.data.num_shards = 0             # data shards; 0 = one per process. Fix it to keep the
                                          # global batch identical across process counts
+  # Augmentation (llmopt_jax/data/augment/): 'operation:rate' edits applied in order to make
+  # each augmented copy of a training document; operations delete, swap, insert, synonym
+  # (EDA, WordNet synonyms), mask, typo, char_drop, case_flip; rate = probability per word (per
+  # character for the last three). () = off. An epoch reads every document as it is plus
+  # augment_copies edited copies, drawn from (seed, epoch, document, copy): resumes stay exact.
+  # Word edits rejoin a copy's words with single spaces (its line breaks are not kept).
+  config.data.augment = ()               # e.g. ('swap:0.1', 'delete:0.1')
+  config.data.augment_copies = 1
+  config.data.augment_mask = ''          # what mask writes; '' = a placeholder (bytes and BPE
+                                         # have no mask token)
 
   config.optim = configlib.optimizer(lr=3e-3, warmup_steps=40)
 

@@ -11,6 +11,14 @@ by the config, not by the number of processes, the global batch is the same whet
 process or many read it. A shard's position is three integers (epoch, doc, offset), which is
 all a checkpoint needs to resume with the very batches an uninterrupted run would produce.
 
+With an `Augmenter` of c copies (data/augment/) an epoch reads N(1 + c) virtual documents of
+a split of N: the permutation is over them, and virtual document v is copy v // N of document
+v % N (copy 0 is the document as it is), edited as a function of (seed, epoch, document, copy)
+alone. Shards split virtual documents as they split documents, and `doc` in the position
+counts virtual documents, so resumes stay exact. Every original is still read once an epoch:
+augmentation adds text, never hides any. Without an augmenter the batches are exactly those of
+a pipeline that never heard of augmentation; eval batches are never augmented.
+
 Shapes: b = batch rows (of this shard), T = seq_len.
 """
 
@@ -22,6 +30,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from llmopt_jax.data.augment.pipeline import Augmenter
 from llmopt_jax.data.sources import TextSource
 from llmopt_jax.data.tokenizers import Tokenizer
 
@@ -59,11 +68,13 @@ class LMBatches:
 
   def __init__(self, source: TextSource, tokenizer: Tokenizer, *, seq_len: int,
                batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
-               state: dict[str, int] | None = None):
+               augment: Augmenter | None = None, state: dict[str, int] | None = None):
     if seq_len < 1:
       raise ValueError(f'seq_len={seq_len} must be positive')
-    check_shard(batch_size, shard_index, shard_count, len(source), 'documents')
-    self._source, self._tokenizer = source, tokenizer
+    self._copies = augment.copies if augment is not None else 0
+    check_shard(batch_size, shard_index, shard_count, len(source) * (1 + self._copies),
+                'documents')
+    self._source, self._tokenizer, self._augment = source, tokenizer, augment
     self._seq_len, self._batch_size, self._seed = seq_len, batch_size, seed
     self._shard_index, self._shard_count = shard_index, shard_count
     self._index = _window_index(seq_len, batch_size)
@@ -111,10 +122,11 @@ class LMBatches:
     self._next = self._following(epoch, doc)  # Next document to tokenize.
 
   def _order(self, epoch: int) -> np.ndarray:
-    """This shard's document indices for `epoch`, in the order it reads them."""
+    """This shard's (virtual) document indices for `epoch`, in the order it reads them."""
     if epoch not in self._orders:
       rng = np.random.default_rng([self._seed, epoch])
-      perm = rng.permutation(len(self._source))
+      # Without copies this is the permutation of the documents, drawn as it always was.
+      perm = rng.permutation(len(self._source) * (1 + self._copies))
       self._orders[epoch] = perm[self._shard_index::self._shard_count]
       # Reading touches at most the current and the next epoch; drop anything older.
       for old in [e for e in self._orders if e < epoch - 1]:
@@ -125,7 +137,11 @@ class LMBatches:
     return (epoch, doc + 1) if doc + 1 < len(self._order(epoch)) else (epoch + 1, 0)
 
   def _tokens(self, epoch: int, doc: int) -> np.ndarray:
-    return _doc_tokens(self._tokenizer, self._source[int(self._order(epoch)[doc])])
+    copy, index = divmod(int(self._order(epoch)[doc]), len(self._source))
+    text = self._source[index]
+    if copy:  # copy 0 is the document itself, with or without an augmenter
+      text = self._augment(text, epoch, index, copy)
+    return _doc_tokens(self._tokenizer, text)
 
   def _fill(self, size: int) -> None:
     """Tokenizes documents until the buffer holds at least `size` tokens."""
