@@ -25,6 +25,7 @@ from llmopt_jax.train.config import TrainConfig
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train = TrainConfig.from_config(config)  # every bad field fails before anything is written
   lora_cfg = lora.from_config(config.peft)
+  lm.training_data_options(config)  # a bad data.augment, too
   workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
   built = lm.fine_tuning(config, starting_point.resolve(config, causal=True), lora_cfg)

@@ -20,6 +20,7 @@ from llmopt_jax.train.config import TrainConfig
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train = TrainConfig.from_config(config)  # every bad field fails before anything is written
+  lm.training_data_options(config)  # a bad data.augment, too
   workdir_lib.prepare(workdir, config)
   built = lm.pretraining(config, workdir)
   model, tokens = built.card.model, train.batch_size * config.data.seq_len
