@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 from typing import Any
 
 # Run as a script, Python puts experiments/ on the path, not the repository root.
@@ -33,16 +32,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402  (after the path fix above)
 import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from llmopt_jax import cli, configlib, optim, perf, sharding  # noqa: E402
+from llmopt_jax import cli, configlib, perf, sharding  # noqa: E402
 from llmopt_jax.models import stats  # noqa: E402
 from llmopt_jax.tasks import lm  # noqa: E402
-from llmopt_jax.train.task import ResumableIterator, Task  # noqa: E402
+from llmopt_jax.train import benchmark as benchmark_lib  # noqa: E402
 from llmopt_jax.train import memory as memory_lib  # noqa: E402
-from llmopt_jax.train import state as state_lib  # noqa: E402
-from llmopt_jax.train import step as step_lib  # noqa: E402
+from llmopt_jax.train.config import TrainConfig  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config, e.g. configs/pretrain.py:tiny.', lock_config=True)
@@ -68,16 +65,15 @@ def benchmark(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 
   with tempfile.TemporaryDirectory() as workdir:  # the BPE tokenizer is written here
     built = lm.pretraining(config, workdir)
     task, model = built.task, built.card.model
-    mesh, rules = sharding.from_config(config.mesh)
-    sharding.check_batch(config.train.batch_size, mesh, rules, config.train.num_micro_batches)
-    state, jitted = _state_and_step(config, task, mesh, rules)
-    batches, input_batches_per_s = _prefetch(task.train_data, warmup + steps, mesh, rules)
+    first = next(task.train_data)
+    # Compiled once, ahead of time, so the executable we time is the one whose memory we report.
+    step, state = benchmark_lib.compile_train_step(TrainConfig.from_config(config), task, first)
+    batches, input_batches_per_s = benchmark_lib.device_batches(
+        task.train_data, warmup + steps, step)
+  memory = memory_lib.memory(state, step.step)  # before the steps donate `state`
+  step_s, _ = benchmark_lib.seconds_per_step(step, state, batches[:warmup], batches[warmup:])
 
-  # Compiled once, ahead of time, so the executable we time is the one whose memory we report.
-  compiled = jitted.lower(state, batches[0], None).compile()  # no constants
-  memory = memory_lib.memory(state, compiled)  # before the steps donate `state`
-  step_s = _seconds_per_step(compiled, state, batches[:warmup], batches[warmup:])
-
+  mesh = step.setup.mesh
   devices = list(mesh.devices.flat)
   tokens_per_s = config.train.batch_size * config.data.seq_len / step_s
   flops_per_token = stats.flops_per_token(model, config.data.seq_len)
@@ -106,60 +102,6 @@ def benchmark(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 
   }
 
 
-def _state_and_step(config: ml_collections.ConfigDict, task: Task, mesh: Mesh,
-                    rules: sharding.Rules) -> tuple[state_lib.TrainState, Any]:
-  """The born-sharded state and the jitted train step, made the way `loop.train` makes them."""
-  tx = optim.make_optimizer(optim.OptimConfig.from_config(config.optim), config.train.num_steps)
-  graphdef, init = state_lib.init_fn(task.build_model, tx, config.seed)
-  _, shardings = state_lib.abstract_and_shardings(init, mesh, rules)
-  train_step = step_lib.make_train_step(
-      graphdef, tx, task.loss_fn, seed=config.seed,
-      num_micro_batches=config.train.num_micro_batches)
-  eval_step = step_lib.make_eval_step(graphdef, task.eval_fn)
-  jitted, _ = step_lib.jit_steps(train_step, eval_step, shardings, mesh, rules)
-  return state_lib.initialize(init, shardings), jitted
-
-
-def _prefetch(data: ResumableIterator, count: int, mesh: Mesh, rules: sharding.Rules
-              ) -> tuple[list[dict], float]:
-  """`count` batches placed on the devices, and how many per second the pipeline made."""
-  start = time.perf_counter()
-  batches = [sharding.shard_batch(next(data), mesh, rules) for _ in range(count)]
-  jax.block_until_ready(batches)
-  return batches, count / (time.perf_counter() - start)
-
-
-def _seconds_per_step(step, state, warmup: list, timed: list) -> float:
-  """Mean seconds per step over the `timed` batches, after running the `warmup` ones."""
-  state = _run(step, state, warmup)
-  start = time.perf_counter()
-  _run(step, state, timed)
-  return (time.perf_counter() - start) / len(timed)
-
-
-def _run(step, state, batches: list):
-  """Runs `step` over `batches`; returns once the devices are done with the last one.
-
-  Each step is dispatched before we wait for the one before it, so the devices always have
-  the next step queued and never idle on the host. The queue is kept at two steps rather than
-  left to grow: with ~100 queued steps, XLA's CPU runtime deadlocks in the all-reduce of
-  simulated devices (seen with 8 devices on 2 cores).
-  """
-  previous = None
-  for batch in batches:
-    state, metrics = step(state, batch, None)  # the state is donated: use the latest one
-    jax.block_until_ready(previous)
-    previous = metrics
-  return jax.block_until_ready(state)
-
-
-def _si(value: float, unit: str) -> str:
-  for scale, prefix in ((1e15, 'P'), (1e12, 'T'), (1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
-    if abs(value) >= scale:
-      return f'{value / scale:.3g} {prefix}{unit}'
-  return f'{value:.3g} {unit}'
-
-
 def format_table(r: dict[str, Any]) -> str:
   """The figures of `benchmark` as aligned `name  value` lines."""
   rows = [
@@ -168,15 +110,15 @@ def format_table(r: dict[str, Any]) -> str:
       ('tokens / step', f'{r["tokens_per_step"]}'),
       ('step time', f'{r["step_s"] * 1e3:.2f} ms'),
       ('tokens / s', f'{r["tokens_per_s"]:,.0f}'),
-      ('input pipeline', f'{r["input_batches_per_s"]:.1f} batches/s '
-                         f'(the step needs {1 / r["step_s"]:.1f})'),
-      ('model FLOPs / token', _si(r['flops_per_token'], 'FLOP')),
-      ('achieved model FLOP/s', _si(r['model_flops_per_s'], 'FLOP/s')),
-      ('measured matmul peak', _si(r['matmul_peak'], 'FLOP/s')),
+      ('input pipeline', (f'{r["input_batches_per_s"]:.1f} batches/s '
+                          f'(the step needs {1 / r["step_s"]:.1f})')),
+      ('model FLOPs / token', perf.si(r['flops_per_token'], 'FLOP')),
+      ('achieved model FLOP/s', perf.si(r['model_flops_per_s'], 'FLOP/s')),
+      ('measured matmul peak', perf.si(r['matmul_peak'], 'FLOP/s')),
       ('MFU vs measured peak', f'{r["mfu"]:.1%}'),
   ]
   if r['datasheet_peak'] is not None:
-    rows += [('datasheet bf16 peak', _si(r['datasheet_peak'], 'FLOP/s')),
+    rows += [('datasheet bf16 peak', perf.si(r['datasheet_peak'], 'FLOP/s')),
              ('MFU vs datasheet', f'{r["mfu_datasheet"]:.1%}')]
   rows += [('mesh', _mesh_text(r['mesh'])),
            ('params / device', memory_lib.format_bytes(r['params_per_device'])),
@@ -246,7 +188,7 @@ def main(argv: list[str]) -> None:
                                   warmup=_WARMUP.value, matmul_peak=peak)
     except ValueError as e:  # the mesh does not fit the model or the batch
       results[preset] = cli.one_line(e)
-  print(f'MFU against a measured matmul peak of {_si(peak, "FLOP/s")}.')
+  print(f'MFU against a measured matmul peak of {perf.si(peak, "FLOP/s")}.')
   print(format_comparison(results))
 
 

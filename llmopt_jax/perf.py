@@ -112,3 +112,12 @@ def measure_matmul_peak(dtype: Any = None, size: int | None = None, repeats: int
   number = 1 if on_cpu else 10  # accelerator matmuls are ~1 ms; amortise the dispatch
   seconds = time_fn(matmul, a, b, warmup=1, repeats=repeats, number=number, stat=min)
   return len(devices) * 2 * size**3 / seconds
+
+
+def si(value: float, unit: str) -> str:
+  """`value` with an SI prefix and three significant digits: si(2.21e11, 'FLOP/s') is
+  '221 GFLOP/s'."""
+  for scale, prefix in ((1e15, 'P'), (1e12, 'T'), (1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
+    if abs(value) >= scale:
+      return f'{value / scale:.3g} {prefix}{unit}'
+  return f'{value:.3g} {unit}'
