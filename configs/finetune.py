@@ -86,6 +86,28 @@ def _classifier(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDic
   config.data.augment = ()                 # e.g. ('synonym:0.2', 'swap:0.1')
   config.data.augment_copies = 1
   config.data.augment_mask = ''            # what mask writes; '' = the tokenizer's [MASK]
+  # Model-written copies (llmopt_jax/data/augment/rewrites.py): 'paraphrase:p' or
+  # 'backtranslate:p', first in data.augment, e.g. ('paraphrase:0.5', 'synonym:0.1'). Each
+  # training example gets augment_copies rewrites, generated once per run and kept in
+  # <workdir>/augment/ (a rerun or resume asks only for what is missing); p = the chance, per
+  # epoch, that a copy starts from its rewrite instead of the original. The generator:
+  config.data.rewrite = ml_collections.ConfigDict()
+  config.data.rewrite.backend = 'endpoint'  # 'endpoint' (OpenAI-compatible chat) | 'engine'
+  # engine: a Hugging Face causal LM directory or a finished pretrain/finetune_lm workdir, run
+  # in this project's engine; endpoint: the model name the server knows.
+  config.data.rewrite.model = ''
+  config.data.rewrite.base_url = 'http://localhost:8000/v1'  # endpoint: vLLM, Ollama, serve
+  config.data.rewrite.api_key_env = ''     # env variable holding the key; '' = no key
+  config.data.rewrite.concurrency = 4      # endpoint requests in flight
+  config.data.rewrite.timeout_s = 60.0     # per request; a failed one gives no rewrite
+  config.data.rewrite.temperature = 0.7    # copies of one example differ by sampling
+  config.data.rewrite.max_new_tokens = 64  # a query is ~15 tokens; room for a longer one
+  config.data.rewrite.pivot = 'French'     # backtranslate: English -> pivot -> English
+  config.data.rewrite.batch_size = 64      # prompts per generator call (and per cache write)
+  # A classifier that must predict the same label for a rewrite as for its original, else
+  # the rewrite is dropped: '' = no filter, a finished classification workdir, or 'teacher'
+  # (a distillation's teacher).
+  config.data.rewrite.keep_label_of = ''
 
   # Consistency training (UDA, llmopt_jax/tasks/consistency_training.py): each step also reads
   # unlabelled text, clean and augmented, and adds weight * KL(sharpened clean prediction ||

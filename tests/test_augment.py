@@ -237,7 +237,8 @@ def test_without_augmentation_batches_are_the_plain_pipeline():
 
 @pytest.mark.parametrize('fields, error', [
     ({'augment': ('delete:0.1', 'swap:0.1', 'swp:0.1')},
-     r"config.data.augment\[2\]='swp:0.1': unknown operation 'swp'; choose from \['case_flip'"),
+     (r"config.data.augment\[2\]='swp:0.1': unknown operation 'swp'; choose from "
+      r"\['backtranslate', 'case_flip'")),
     ({'augment': ('delete:1.5',)}, r"augment\[0\]='delete:1.5': rate 1.5 is outside \[0, 1\]"),
     ({'augment': ('mask:-0.1',)}, r"augment\[0\]='mask:-0.1': rate -0.1 is outside"),
     ({'augment': ('delete',)}, r"augment\[0\]='delete': needs a rate, e.g. 'delete:0.1'"),

@@ -17,6 +17,9 @@ Outputs are cleaned (the first non-empty line, stripped of quotes); one that is 
 to its input is returned as None, for the caller to drop. `label_preserving` is the filter that
 keeps an augmented example only where a classifier (the teacher) predicts the same label for
 it as for its original.
+
+The fine-tune's augmentation ('paraphrase:p', 'backtranslate:p' in config.data.augment) runs
+this over its training examples once per run: `data/augment/rewrites.py`.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from typing import Protocol
 
 import numpy as np
 
+from llmopt_jax.data.augment import pipeline
 from llmopt_jax.inference.sampling import SamplingParams
 from llmopt_jax.inference.text import TextGenerator
 from llmopt_jax.openai_client import ChatClient, ChatError
 
-KINDS = ('paraphrase', 'backtranslate')
+KINDS = pipeline.REWRITES  # 'paraphrase', 'backtranslate': the augmentation's names for them
 PROMPTS = {
     'paraphrase': ('Rewrite the following text in other words, keeping its meaning and '
                    'intent. Answer with the rewritten text only.\nText: {text}\nRewritten:'),
@@ -89,7 +93,7 @@ class EndpointGenerator:
   def __init__(self, client: ChatClient, concurrency: int = 4):
     self.client, self.concurrency = client, concurrency
     self.name = f'endpoint:{client.base_url}:{client.model}'
-    self.failures = 0
+    self.failures, self.last_error = 0, ''
 
   def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[str | None]:
     del seeds  # chat endpoints sample on their own; copies differ by temperature
@@ -99,8 +103,8 @@ class EndpointGenerator:
   def _one(self, prompt: str) -> str | None:
     try:
       return self.client.chat([{'role': 'user', 'content': prompt}]).text
-    except ChatError:
-      self.failures += 1
+    except ChatError as e:
+      self.failures, self.last_error = self.failures + 1, str(e)
       return None
 
 

@@ -46,7 +46,7 @@ class Scorer:
   def of(cls, config: ml_collections.ConfigDict, workdir: str, source_dir: str) -> Scorer:
     mesh, rules = sharding.from_config(config.mesh)
     source = finished.load(source_model_dir(source_dir, config.source.student), mesh, rules)
-    problem = problem_lib.make(config, source)
+    problem = problem_lib.make(config, source, workdir)
     data = oneshot.Calibration(problem.calibration_batches(config.calibration.examples),
                                problem.forward, problem.task.loss_fn)
     return cls(workdir, source_dir, source, problem, data, mesh, rules)

@@ -60,7 +60,7 @@ class Scorer:
     """The float source of the finished run in `source_dir`, and its problem."""
     mesh, rules = sharding.from_config(config.mesh)
     source = finished.load(source_model_dir(source_dir, config.source.student), mesh, rules)
-    return cls(workdir, source_dir, source, problem_lib.make(config, source),
+    return cls(workdir, source_dir, source, problem_lib.make(config, source, workdir),
                config.calibration.examples, mesh, rules)
 
   def row(self, name: str, subdir: str, graphdef: nnx.GraphDef, params: nnx.State,

@@ -43,7 +43,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   mesh, rules = sharding.from_config(config.mesh)
   teacher = finished.load(teacher_dir, mesh, rules, dtype=config.teacher.dtype)
   teacher_labels.check_teacher(config, teacher)
-  problem = problem_lib.make(config, teacher)
+  problem = problem_lib.make(config, teacher, workdir)
 
   rows = [scoring.score('teacher', teacher.graphdef, teacher.params, problem, mesh, rules)]
   runs = [('student_kd', True)]

@@ -29,7 +29,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   classification.unlabelled_options(config)
   workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
-  built = classification.fine_tuning(config, lora_cfg)
+  built = classification.fine_tuning(config, lora_cfg, workdir)
   report.say(peft.describe(built.start.path, built.start.source,
                            f'{config.data.name} {built.sizes}, {built.head.num_labels} classes',
                            built.counts, config.peft.method))

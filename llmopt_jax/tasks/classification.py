@@ -6,16 +6,19 @@ decoder) + a pooling/classification head -> a `Task` (cross entropy with optiona
 smoothing; accuracy, confusion counts) with balanced or shuffled training batches, sharded per
 process, and fixed validation and test batches. Optionally the training split is cut to K
 examples per class (`data/few_shot.py`) and its batches carry augmented copies of each
-example (`data/augment/`); validation and test are never touched by either. Training batches
-may also carry unlabelled text (`data/unlabelled.py`): for consistency training
-(`config.consistency`, `consistency_training.py`), whose term then joins the loss, or for a
-distillation's transfer set (`config.distill.transfer`, `distill/transfer.py`), which the
-distillation objective reads; one of the two at most.
+example (`data/augment/`; a paraphrase or back-translation operation's rewrites are generated
+once per run into <workdir>/augment/, `data/augment/rewrites.py`); validation and test are
+never touched by either. Training batches may also carry unlabelled text
+(`data/unlabelled.py`): for consistency training (`config.consistency`,
+`consistency_training.py`), whose term then joins the loss, or for a distillation's transfer
+set (`config.distill.transfer`, `distill/transfer.py`), which the distillation objective
+reads; one of the two at most.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import ml_collections
@@ -23,8 +26,9 @@ import numpy as np
 
 from llmopt_jax import classification_metrics, distributed, lora, report
 from llmopt_jax.data import classification, intents, labelled, lm_pipeline, unlabelled
+from llmopt_jax.data.augment import rewrites as rewrites_lib
 from llmopt_jax.data.augment.config import AugmentConfig
-from llmopt_jax.data.augment.pipeline import Augmenter
+from llmopt_jax.data.augment.pipeline import Augmenter, Rewrites
 from llmopt_jax.data.few_shot import FewShotConfig
 from llmopt_jax.data.unlabelled import UnlabelledConfig
 from llmopt_jax.distill import transfer
@@ -82,9 +86,10 @@ def unlabelled_options(config: ml_collections.ConfigDict
   return (uda.stream if uda else transfer_rows), uda
 
 
-def fine_tuning(config: ml_collections.ConfigDict,
-                lora_cfg: lora.LoraConfig | None) -> ClassificationTask:
-  """`config.init.model` with a new head on `config.data`, full, frozen or LoRA."""
+def fine_tuning(config: ml_collections.ConfigDict, lora_cfg: lora.LoraConfig | None,
+                workdir: str | None = None) -> ClassificationTask:
+  """`config.init.model` with a new head on `config.data`, full, frozen or LoRA. `workdir`:
+  the run's, where a rewrite operation keeps its rewrites (required with one)."""
   data = config.data
   shots, augment = training_data_options(config)
   stream, uda = unlabelled_options(config)
@@ -98,7 +103,8 @@ def fine_tuning(config: ml_collections.ConfigDict,
   if cut and cut.short:
     report.say(shots.describe_short(cut, splits.label_names))
   start = starting_point.resolve(config)
-  augmenter = augment.build(config.seed, start.tokenizer_dir)
+  augmenter = augment.build(config.seed, start.tokenizer_dir,
+                            _rewrites(config, augment, splits['train'], workdir))
   if augmenter is not None:
     report.say(f'Augmentation: {augment.describe()}')
   backbone = start.model.replace(lm_head=False)
@@ -133,6 +139,21 @@ def fine_tuning(config: ml_collections.ConfigDict,
       start=start, head=head, counts=peft.count_params(task, config.optim.freeze),
       card=start.card(config.stage, head, lora_cfg, tuple(splits.label_names)),
       unlabelled=cut.unlabelled if cut else None)
+
+
+def _rewrites(config: ml_collections.ConfigDict, augment: AugmentConfig,
+              train: labelled.Split, workdir: str | None) -> Rewrites | None:
+  """The training examples' rewrites when a rewrite operation is on, else None."""
+  if not (augment.enabled and augment.rewrite):
+    return None
+  if workdir is None:
+    raise ValueError(f'config.data.augment: {augment.rewrite.name} keeps its rewrites in the '
+                     f"run's workdir, and this caller gave none")
+  teacher = config.get('teacher')  # a distillation's; keep_label_of='teacher' names it
+  teacher_dir = (teacher.get('workdir') or os.path.join(workdir, 'teacher')) if teacher else None
+  return rewrites_lib.training_rewrites(
+      train.texts, augment, seed=config.seed, workdir=workdir, mesh=config.mesh,
+      label_batch=config.train.batch_size, teacher_dir=teacher_dir)
 
 
 def _training_batches(config: ml_collections.ConfigDict, train: labelled.Split,

@@ -46,10 +46,12 @@ class Problem:
   calibration_batches: Callable[[int], list[dict[str, np.ndarray]]]
 
 
-def make(config: ml_collections.ConfigDict, source: finished.FinishedModel) -> Problem:
-  """The problem of `config.task` around the finished model `source`."""
+def make(config: ml_collections.ConfigDict, source: finished.FinishedModel,
+         workdir: str | None = None) -> Problem:
+  """The problem of `config.task` around the finished model `source`; `workdir`: the run's
+  (where a classification fine-tune's rewrite augmentation keeps its rewrites)."""
   if config.task == 'classification':
-    return _classification(config, source)
+    return _classification(config, source, workdir)
   if config.task == 'lm':
     return _language_model(config, source)
   raise ValueError(f"config.task={config.task!r}; choose 'classification' or 'lm'")
@@ -68,8 +70,9 @@ def classify(model, batch, rngs=None, intermediates=False):
   return out if intermediates else (out, None)
 
 
-def _classification(config: ml_collections.ConfigDict, source: finished.FinishedModel) -> Problem:
-  built = classification.fine_tuning(config, None)
+def _classification(config: ml_collections.ConfigDict, source: finished.FinishedModel,
+                    workdir: str | None) -> Problem:
+  built = classification.fine_tuning(config, None, workdir)
   splits, smoothing = built.splits, config.head.label_smoothing
   if source.card.labels != tuple(splits.label_names):
     raise ValueError(f'the model in {source.workdir} was trained on other labels '
