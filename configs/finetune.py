@@ -12,6 +12,9 @@ task=lm, the decoder of a pretrain run (or a Hugging Face causal LM) on a text c
   python main.py --config=configs/finetune.py --config.data.shots_per_class=10 \
       --config.data.augment="('synonym:0.2','swap:0.1')" --workdir=runs/ft_10shot_eda
   python main.py --config=configs/finetune.py --config.data.shots_per_class=10 \
+      --config.data.augment=paraphrase:0.5 --config.data.rewrite.model=qwen3-8b \
+      --config.data.rewrite.base_url=http://localhost:8000/v1 --workdir=runs/ft_10shot_para
+  python main.py --config=configs/finetune.py --config.data.shots_per_class=10 \
       --config.consistency.weight=1 --workdir=runs/ft_10shot_uda      # + the unlabelled rest
   python main.py --config=configs/finetune.py:task=lm --workdir=runs/ft_lm     # from runs/lm
   python main.py --config=configs/finetune.py:task=lm,peft=lora,model=/path/to/hf_llama \

@@ -45,7 +45,10 @@ COMPATIBLE = ('train.num_steps', 'train.log_every', 'train.eval_every', 'train.e
               'checkpoint.', 'early_stopping.patience', 'mesh.', 'test_batches', 'export',
               'data.tfds_data_dir', 'data.num_shards', 'variants', 'teacher.config.',
               'source.config.', 'sparsities', 'quant_variants', 'batch_size', 'engine.',
-              'sweep.trials', 'sweep.heartbeat_s', 'sweep.max_retries', 'multitask.baselines')
+              'sweep.trials', 'sweep.heartbeat_s', 'sweep.max_retries', 'multitask.baselines',
+              # How rewrites are fetched, not what they are (kept.json fixes those of a run).
+              'data.rewrite.concurrency', 'data.rewrite.timeout_s', 'data.rewrite.batch_size',
+              'data.rewrite.api_key_env')
 _FINISHED = ('summary.json', 'model.json', 'report.json')
 _SWEEP_TRIALS = 'trials'  # a sweep's trial workdirs: its config binds once a trial started
 

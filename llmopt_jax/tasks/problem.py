@@ -129,12 +129,15 @@ def next_token(model, batch, rngs=None, intermediates=False):
 
 
 def _language_model(config: ml_collections.ConfigDict, source: finished.FinishedModel) -> Problem:
-  # The source's corpus, read through the source's own tokenizer.
+  # The source's corpus, read through the source's own tokenizer; augmented as this run's
+  # config says (lm.training_data_options(config)), not as the source's run was.
   data_config = ml_collections.ConfigDict({**config.to_dict(),
                                            'data': source.config.data.to_dict()})
   tokenizer = finished.lm_tokenizer(source.card, source.workdir)
+  augment = lm.training_data_options(config)
   make_task = lambda: lm.next_token_task(data_config, *lm.text_sources(data_config.data),
-                                         tokenizer, source.card.build)
+                                         tokenizer, source.card.build, augment=augment,
+                                         tokenizer_dir=source.tokenizer_dir)
   task = make_task()
   io = ModelIO(forward=next_token, hard_metrics=losses.lm_metrics,
                kd_weights=lambda batch: batch['weights'],
