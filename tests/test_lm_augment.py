@@ -18,6 +18,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 from conftest import load_config
+from test_data import assert_same, take
 from llmopt_jax import hf, workdir as workdir_lib
 from llmopt_jax.data import lm_pipeline, sources, tokenizers
 from llmopt_jax.data.augment import pipeline
@@ -42,16 +43,6 @@ def augmenter(spec=('delete:0.3', 'swap:0.2'), copies=2, seed=5) -> pipeline.Aug
 def batches(source, augment=None, **kwargs) -> lm_pipeline.LMBatches:
   kwargs = {'seq_len': 8, 'batch_size': 2, 'seed': 5} | kwargs
   return lm_pipeline.LMBatches(source, BYTES, augment=augment, **kwargs)
-
-
-def take(iterator, n):
-  return [next(iterator) for _ in range(n)]
-
-
-def assert_same(batches_a, batches_b):
-  for a, b in zip(batches_a, batches_b, strict=True):
-    for key in ('inputs', 'targets', 'weights'):
-      np.testing.assert_array_equal(a[key], b[key])
 
 
 def epoch_texts(iterator, epochs: int, per_epoch: int) -> list[list[str]]:

@@ -24,9 +24,9 @@ import jax
 import numpy as np
 
 from llmopt_jax import sharding
+from llmopt_jax.train import loop
 from llmopt_jax.train import setup as setup_lib
 from llmopt_jax.train import state as state_lib
-from llmopt_jax.train import step as step_lib
 from llmopt_jax.train.config import TrainConfig
 from llmopt_jax.train.task import ResumableIterator, Task
 
@@ -50,18 +50,10 @@ def compile_train_step(train: TrainConfig, task: Task, batch: Mapping[str, np.nd
   setup = setup_lib.Setup.of(train, task)
   sharding.check_batch(train.batch_size, setup.mesh, setup.rules, train.num_micro_batches)
   state = _first_state(setup, task)
-  train_step = step_lib.make_train_step(
-      setup.graphdef, setup.tx, task.loss_fn, seed=train.seed,
-      num_micro_batches=train.num_micro_batches, params_transform=task.params_transform)
-  eval_step = step_lib.make_eval_step(
-      setup.graphdef, task.eval_fn, params_transform=task.params_transform)
-  constants = None if task.constants is None else task.constants(setup.mesh, setup.rules)
-  jitted, _ = step_lib.jit_steps(
-      train_step, eval_step, setup.shardings, setup.mesh, setup.rules,
-      constants_shardings=jax.tree.map(lambda a: a.sharding, constants))
+  steps = loop.Steps.of(train, setup, task)
   placed = sharding.shard_batch(batch, setup.mesh, setup.rules)
-  compiled = jitted.lower(state, placed, constants).compile()
-  return CompiledStep(setup, compiled, constants), state
+  compiled = steps.train.lower(state, placed, steps.constants).compile()
+  return CompiledStep(setup, compiled, steps.constants), state
 
 
 def _first_state(setup: setup_lib.Setup, task: Task) -> state_lib.TrainState:

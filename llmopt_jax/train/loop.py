@@ -54,7 +54,7 @@ def train(config: TrainConfig, workdir: str, task: Task) -> dict[str, Any]:
                    last_eval=_logged_eval(log.path, start))
 
   # ---- Steps and loop -----------------------------------------------------------------------
-  steps = _Steps.of(config, setup, task)
+  steps = Steps.of(config, setup, task)
   try:
     with interrupt.CtrlC() as ctrl_c:
       window = window_lib.Window(checkpoints, start, ctrl_c)
@@ -105,14 +105,15 @@ def _initial_state(config: TrainConfig, setup: setup_lib.Setup, task: Task,
 
 
 @dataclasses.dataclass(frozen=True)
-class _Steps:
-  """The jitted train and eval steps, and the constants the loss reads (placed once)."""
+class Steps:
+  """The jitted train and eval steps, and the constants the loss reads (placed once); the
+  benchmarks time this very train step (`train/benchmark.py`)."""
   train: Any
   eval: Any
   constants: Any
 
   @classmethod
-  def of(cls, config: TrainConfig, setup: setup_lib.Setup, task: Task) -> _Steps:
+  def of(cls, config: TrainConfig, setup: setup_lib.Setup, task: Task) -> Steps:
     train_step = step_lib.make_train_step(
         setup.graphdef, setup.tx, task.loss_fn, seed=config.seed,
         num_micro_batches=config.num_micro_batches, params_transform=task.params_transform)
@@ -131,7 +132,7 @@ class _Steps:
     return metrics_lib.prefixed(metrics_lib.finalize(sums), 'eval')
 
 
-def _loop(config: TrainConfig, setup: setup_lib.Setup, task: Task, steps: _Steps, state,
+def _loop(config: TrainConfig, setup: setup_lib.Setup, task: Task, steps: Steps, state,
           stopper: EarlyStopping, window: window_lib.Window, log: Logger):
   """Steps after `window.last_step` up to `num_steps`: log, evaluate, checkpoint, stop early.
   Returns (last step, early stopping record, last eval metrics, last logged train loss)."""
