@@ -134,14 +134,17 @@ def run(command: list[str], directory: str) -> float:
   return time.perf_counter() - started
 
 
-def read(report: dict, where: str) -> float:
-  """A value of report.json by a dotted path, rows picked by their 'model'."""
+def read(report: dict, where: str) -> float | None:
+  """A value of report.json by a dotted path, rows picked by their 'model'; None where the
+  run has no such row (a distillation without its label-only student)."""
   node = report
   for part in where.split('.'):
     if isinstance(node, list):
-      node = next(row for row in node if row.get('model') == part)
+      node = next((row for row in node if row.get('model') == part), None)
     else:
-      node = node[part]
+      node = node.get(part)
+    if node is None:
+      return None
   return float(node)
 
 
@@ -165,11 +168,12 @@ def main(argv: list[str]) -> None:
         seconds.setdefault(name, []).append(took)
       with open(os.path.join(directory, 'report.json'), encoding='utf-8') as f:
         report = json.load(f)
-      for row, where in study.metrics.items():
-        values.setdefault(row.format(variant=name), {})[seed] = read(report, where)
-      print(f'{name} seed {seed}: ' + ', '.join(
-          f'{row.format(variant=name)} {read(report, where):.4f}'
-          for row, where in study.metrics.items()), flush=True)
+      found = {row.format(variant=name): value for row, where in study.metrics.items()
+               if (value := read(report, where)) is not None}
+      for row, value in found.items():
+        values.setdefault(row, {})[seed] = value
+      print(f'{name} seed {seed}: ' + ', '.join(f'{row} {v:.4f}' for row, v in found.items()),
+            flush=True)
   text = render(study, values, seconds, commands, steps)
   print(text)
   if _OUT.value:
