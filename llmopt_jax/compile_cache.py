@@ -11,10 +11,10 @@ JAX_COMPILATION_CACHE_DIR set in the environment wins (the test suite sets its o
 Every program is kept, however quickly it compiled: JAX's default keeps only those that took
 a second or more, but a run's start is mostly programs of a fraction of a second each (the
 evaluation, the metrics, the initialisation, checkpoint restores): profiled on two busy cores,
-20 such compiles took 15 of the 29 seconds a tiny fine-tune ran, so that default saved little. A JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS
-in the environment wins. The directory is an LRU of at most MAX_BYTES, so it cannot grow
-without bound. Correctness does
-not depend on it: a missing, stale or unwritable entry means compiling again.
+20 such compiles took 15 of the 29 seconds a tiny fine-tune ran, so that default saved little.
+A JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS in the environment wins. The directory is an LRU
+of at most MAX_BYTES, so it cannot grow without bound. Correctness does not depend on it: a
+missing, stale or unwritable entry means compiling again.
 """
 
 from __future__ import annotations
