@@ -1,8 +1,11 @@
-"""Banking77 with 10 labelled examples per class: augmentation, consistency training and
-distillation on a transfer set, each over seeds, as mean +- std and paired differences.
+"""Banking77 with 10 labelled examples per class: augmentation, consistency training,
+distillation on a transfer set and multi-task learning, and the main job itself, each over
+seeds, as mean +- std and paired differences.
 
   python experiments/few_shot_study.py --study=augment     # ~1 h on 2 CPU cores
   python experiments/few_shot_study.py --study=distill     # after augment: its teachers
+  python experiments/few_shot_study.py --study=multitask --steps=400    # ~20 min a seed
+  python experiments/few_shot_study.py --study=main_job --teacher=runs/distill/teacher
   python experiments/few_shot_study.py --study=augment --seeds=0,1,2 --steps=250 \
       --out=experiments/results/few_shot_banking77.md
 
@@ -29,6 +32,13 @@ keeps rows whose clean prediction reaches 0.5 (UDA's 0.8 is for a handful of cla
       (the teacher saw the same 10 labels per class), on the 10-shot set alone ('kd', the
       baseline, with the label-only student beside it), with the EDA copies, with the
       unlabelled rest as a transfer set, and with both (the augmented transfer set).
+  multitask: configs/multitask.py on Banking77 and CLINC150 at 10 shots per class of each
+      (proportional mixing), against each task alone for the same steps (the run's own
+      single-task baselines): the paired difference per task.
+  main_job: configs/distill.py as the README runs it (its own schedule; only the seed is
+      set), both pairs of students, each distilled student against its label-only twin.
+      --teacher reuses one finished teacher for every seed (the teacher's own seed is not
+      the question); without it each seed trains its own.
 
 A run whose report.json exists is not run again: a stopped study resumes where it stopped.
 """
@@ -51,11 +61,15 @@ from absl import app, flags  # noqa: E402  (after the path fix above)
 from llmopt_jax import compare  # noqa: E402
 from llmopt_jax.sweeps import stats  # noqa: E402
 
-_STUDY = flags.DEFINE_enum('study', 'augment', ['augment', 'distill'], 'Which study.')
+_STUDY = flags.DEFINE_enum('study', 'augment', ['augment', 'distill', 'multitask', 'main_job'],
+                           'Which study.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Run seeds.')
-_STEPS = flags.DEFINE_integer('steps', 250, 'Training steps of every run (batch 32).')
+_STEPS = flags.DEFINE_integer('steps', 250, 'Training steps of every run (batch 32); the '
+                             "main_job study keeps configs/distill.py's own.")
 _LR = flags.DEFINE_float('lr', 3e-4, "The fine-tunes' (and so the teachers') peak learning rate.")
 _VARIANTS = flags.DEFINE_list('variants', [], "Only these variants ('' = all).")
+_TEACHER = flags.DEFINE_string('teacher', '', 'main_job: a finished run of configs/distill.py\'s '
+                               "teacher config to reuse ('' = each seed trains its own).")
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/few_shot_study', 'Where the runs live.')
 _OUT = flags.DEFINE_string('out', '', 'Also write the report (markdown, plus a PNG) here.')
 
@@ -95,20 +109,46 @@ DISTILL = Study(
     metrics={'labels_only': 'rows.student_labels.accuracy', '{variant}':
              'rows.student_kd.accuracy'})
 
+# One run of configs/multitask.py is both sides of the comparison: the multi-task model and
+# each task trained alone for the same steps (its single_<task> sub-runs).
+MULTITASK = Study(
+    config='configs/multitask.py', baseline='single',
+    variants={'multitask': []},
+    metrics={f'{task}: {side}': f'{side}.{task}.accuracy'
+             for task in ('banking77', 'clinc150') for side in ('single', 'multi')})
 
-def common_overrides(steps: int, seed: int) -> list[str]:
-  """Every run's: 10 shots, the seed, a short schedule, no Hugging Face export."""
+# The main job itself (configs/distill.py at its own schedule) over seeds: both pairs of
+# students, on the whole split and on 10 shots with the teacher labelling the rest. A seed
+# moves the students' data order, dropout and 10-shot cut; --teacher shares one teacher.
+MAIN_JOB = Study(
+    config='configs/distill.py', baseline='labels only',
+    variants={'main_job': []},
+    metrics={'whole split: labels only': 'rows.student_labels.accuracy',
+             'whole split: distilled': 'rows.student_kd.accuracy',
+             '10-shot: labels only': 'rows.student_labels_10shot.accuracy',
+             '10-shot: distilled, the teacher labelling the rest':
+             'rows.student_kd_10shot.accuracy'})
+STUDIES = {'augment': AUGMENT, 'distill': DISTILL, 'multitask': MULTITASK, 'main_job': MAIN_JOB}
+
+
+def common_overrides(study: str, steps: int, seed: int) -> list[str]:
+  """Every run's: the seed; but for the main job, 10 shots, a short schedule, no export."""
+  if study == 'main_job':
+    return [f'--config.seed={seed}']
   half = max(1, steps // 2)
   return ['--config.data.shots_per_class=10', f'--config.seed={seed}',
           f'--config.train.num_steps={steps}', f'--config.optim.warmup_steps={steps // 10}',
           f'--config.train.eval_every={half}', f'--config.checkpoint.every_steps={half}',
-          '--config.export=False']
+          *([] if study == 'multitask' else ['--config.export=False'])]
 
 
 def study_overrides(study: str, workdir: str, steps: int, lr: float, seed: int) -> list[str]:
-  """The fine-tunes' learning rate; a distillation's teacher (the same seed's fine-tune)."""
-  if study == 'augment':
+  """The fine-tunes' learning rate; a distillation's teacher (the same seed's fine-tune, or
+  for the main job --teacher when given)."""
+  if study in ('augment', 'multitask'):
     return [f'--config.optim.lr={lr:g}']
+  if study == 'main_job':
+    return [f'--config.teacher.workdir={_TEACHER.value}'] if _TEACHER.value else []
   teacher = run_dir(workdir, 'augment', steps, lr, 'none', seed)
   if not os.path.exists(os.path.join(teacher, 'report.json')):
     raise app.UsageError(f'{teacher}: no finished teacher; run --study=augment first '
@@ -118,6 +158,8 @@ def study_overrides(study: str, workdir: str, steps: int, lr: float, seed: int) 
 
 def run_dir(workdir: str, study: str, steps: int, lr: float, variant: str, seed: int) -> str:
   """Where a run lives; `lr` is the fine-tunes' (for distill: its teachers')."""
+  if study == 'main_job':  # its own schedule and learning rates
+    return os.path.join(workdir, study, f'seed{seed}')
   return os.path.join(workdir, f'{study}_{steps}_lr{lr:g}', variant, f'seed{seed}')
 
 
@@ -150,7 +192,7 @@ def read(report: dict, where: str) -> float | None:
 
 def main(argv: list[str]) -> None:
   del argv
-  study = {'augment': AUGMENT, 'distill': DISTILL}[_STUDY.value]
+  study = STUDIES[_STUDY.value]
   seeds, steps = [int(s) for s in _SEEDS.value], _STEPS.value
   names = [v for v in study.variants if not _VARIANTS.value or v in _VARIANTS.value]
   values: dict[str, dict[int, float]] = {}
@@ -159,7 +201,8 @@ def main(argv: list[str]) -> None:
   for seed in seeds:  # seed-major: an early stop still leaves paired seeds
     for name in names:
       directory = run_dir(_WORKDIR.value, _STUDY.value, steps, _LR.value, name, seed)
-      command = ['main.py', f'--config={study.config}', *common_overrides(steps, seed),
+      command = ['main.py', f'--config={study.config}',
+                 *common_overrides(_STUDY.value, steps, seed),
                  *study_overrides(_STUDY.value, _WORKDIR.value, steps, _LR.value, seed),
                  *study.variants[name], f'--workdir={directory}']
       commands.append(' '.join(command))
@@ -184,7 +227,8 @@ def main(argv: list[str]) -> None:
 
 def render(study: Study, values: dict[str, dict[int, float]], seconds: dict[str, list[float]],
            commands: list[str], steps: int) -> str:
-  rows = stats.ablation(values, study.baseline, maximize=True)
+  rows = [row for group, members in groups(values).items()
+          for row in stats.ablation(members, group + study.baseline, maximize=True)]
 
   def points(s: stats.Summary | None) -> str:
     if s is None:
@@ -205,19 +249,41 @@ def render(study: Study, values: dict[str, dict[int, float]], seconds: dict[str,
                      'and with augmentation or consistency training',
           'distill': "the 2-layer student of configs/distill.py taught by that seed's 10-shot "
                      'fine-tune, on the 10-shot set alone, with augmented copies, with the '
-                     'unlabelled rest as a transfer set, and with both'}[_STUDY.value]
-  return (f'# Few-shot Banking77: {_STUDY.value} study\n\n'
+                     'unlabelled rest as a transfer set, and with both',
+          'multitask': 'MiniLM fine-tuned on Banking77 and CLINC150 at once (10 labelled '
+                       'queries per class of each, proportional mixing) against each task '
+                       'alone for the same steps',
+          'main_job': "configs/distill.py's two pairs of 2-layer students (labels only and "
+                      'distilled): on the whole training split, and on 10 labelled queries '
+                      'per class with the teacher also labelling the rest of the split'
+          }[_STUDY.value]
+  test_split = ('the whole test split of each task'
+                if _STUDY.value == 'multitask' else
+                'the whole Banking77 test split (3,080 queries)')
+  schedule = ('' if _STUDY.value == 'main_job' else f' --steps={steps} --lr={_LR.value:g}')
+  return (f'# Banking77 over seeds: {_STUDY.value} study\n\n'
           f'**What was measured.** Test accuracy of {what}, over seeds.\n\n'
           f'**Command.** `python experiments/few_shot_study.py --study={_STUDY.value} '
-          f'--seeds={",".join(_SEEDS.value)} --steps={steps} --lr={_LR.value:g}'
+          f'--seeds={",".join(_SEEDS.value)}{schedule}'
+          + (f' --teacher={_TEACHER.value}' if _TEACHER.value else '')
           + (f' --variants={",".join(_VARIANTS.value)}' if _VARIANTS.value else '') + '`\n\n'
           f'**Date.** {when}. **Machine.** {cpu_model()}, {os.cpu_count()} CPU cores, no GPU, '
           f'{platform.platform()}; load average at the end {os.getloadavg()[0]:.1f} (runs '
           f'of other studies and tests may share the cores: the seconds per run are not a '
           f'benchmark).\n\n'
-          f'Test accuracy on the whole Banking77 test split (3,080 queries), each run at its '
-          f'best validation step; paired differences per seed against `{study.baseline}`.\n\n'
+          f'Test accuracy on {test_split}, each run at its best validation step; paired '
+          f'differences per seed against the `{study.baseline}` row of the same group.\n\n'
           f'{table}\n## Runs\n\n' + '\n'.join(f'    {c}' for c in commands) + '\n')
+
+
+def groups(values: dict[str, dict[int, float]]) -> dict[str, dict[str, dict[int, float]]]:
+  """The rows by their group, the prefix up to ': ' ('' for none): each group is compared
+  with its own baseline row (a task's single-task run, a pair's label-only student)."""
+  grouped: dict[str, dict[str, dict[int, float]]] = {}
+  for row, by_seed in values.items():
+    group = row.rpartition(': ')[0]
+    grouped.setdefault(group + ': ' if group else '', {})[row] = by_seed
+  return grouped
 
 
 def cpu_model() -> str:
@@ -238,7 +304,8 @@ def plot(values: dict[str, dict[int, float]], baseline: str, path: str) -> None:
   for i, name in enumerate(names):
     seeds = sorted(values[name])
     points = [100 * values[name][s] for s in seeds]
-    ax.bar(i, sum(points) / len(points), color='tab:orange' if name == baseline else 'tab:blue',
+    is_baseline = name.rpartition(': ')[2] == baseline
+    ax.bar(i, sum(points) / len(points), color='tab:orange' if is_baseline else 'tab:blue',
            alpha=0.5)
     ax.scatter([i] * len(points), points, color='black', s=12, zorder=3)
   ax.set_xticks(range(len(names)), names, rotation=20)
