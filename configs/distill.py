@@ -14,7 +14,9 @@
       --config.data.augment="('synonym:0.2','swap:0.1')" --workdir=runs/distill_10shot_transfer
 
 The run trains (or reuses) the teacher, then two students of the same size from the same
-start: one on labels only, one distilled; it ends with a table of teacher and students
+start: one on labels only, one distilled; then the same pair with 10 labelled queries per
+class, the teacher labelling the rest of the split for the distilled one (config.few_shot_pair;
+off for a run that is few-shot already). It ends with a table of teacher and students
 (parameters, bytes, quality, latency) in <workdir>/report.md and report.json.
 
 Arguments (after the colon): tiny, task=<banking77|clinc150|lm>, mesh=<data|fsdp|...>.
@@ -57,6 +59,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # teacher), so one pass over the training set replaces a teacher forward in every step: the
   # same loss as online when top_k covers every class (tested), for half the student's time.
   config.distill.mode = 'cached'
+  # The table's second pair of students (llmopt_jax/distill/few_shot_pair.py): the same two
+  # with K labelled queries per class, the teacher labelling the rest of the split for the
+  # distilled one, trained for num_steps after the first pair. Only when the first pair has
+  # the whole split (data.shots_per_class = 0). 0 = off.
+  config.few_shot_pair = ml_collections.ConfigDict()
+  config.few_shot_pair.shots_per_class = 10
+  config.few_shot_pair.num_steps = 250
 
   # The students fine-tune pretrained layers like the teacher, but a shallower network takes a
   # larger step size than the teacher's 1e-4 (2e-4 left both students short of convergence
@@ -74,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.lr = 1e-3
     # One pass of the teacher over all 9k training queries would cost more than the run.
     config.distill.mode = 'online'
+    config.few_shot_pair.num_steps = 4
   return config
 
 

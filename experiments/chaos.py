@@ -85,9 +85,11 @@ def stages(model: str, source: str) -> dict[str, Stage]:
           '--config=configs/finetune.py:tiny', *bert, '--config.train.num_steps=6',
           '--config.train.eval_every=3', '--config.export=False', '--config.test_batches=2',
           *every_step), ('',)),
-      # The teacher is trained inside the workdir first, then both students.
+      # The teacher is trained inside the workdir first, then both students (the second,
+      # few-shot pair resumes through the same loop; tests/test_distill.py runs it).
       'distill': Stage('distill', (
           '--config=configs/distill.py:tiny', *bert, '--config.train.num_steps=4',
+          '--config.few_shot_pair.shots_per_class=0',
           '--config.train.eval_every=2', *every_step,
           f'--config.teacher.config.init.model={model}',
           '--config.teacher.config.train.num_steps=4',

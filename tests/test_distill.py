@@ -22,7 +22,7 @@ import tolerances
 from conftest import load_config, restore_state, tiny_bert
 from llmopt_jax import classification_metrics, configlib, optim, sharding, stages
 from llmopt_jax.data import intents
-from llmopt_jax.distill import losses, objective, student_task
+from llmopt_jax.distill import few_shot_pair, losses, objective, student_task
 from llmopt_jax.distill.student import DistillStudent
 from llmopt_jax.models.config import TransformerConfig
 from llmopt_jax.models.heads import SequenceClassifier
@@ -316,7 +316,8 @@ def classification_run(tmp_path_factory):
   _shrink(config.teacher.config, 2)
   _shrink(config, 2)
   config.distill.mode = 'cached'         # Banking77's default (tiny runs online)
-  assert config.distill.baseline
+  config.few_shot_pair.num_steps = 2     # the second pair: 10 shots, online, transfer set
+  assert config.distill.baseline and config.few_shot_pair.shots_per_class == 10
   stages.run(config.teacher.config, str(workdir / 'teacher'))
   teacher_files = _tree_digest(workdir / 'teacher')
   report = distill.run(config, str(workdir))
@@ -333,7 +334,8 @@ def test_tiny_run_writes_a_report_of_teacher_and_both_students(classification_ru
   with open(workdir / 'report.json', encoding='utf-8') as f:
     report = json.load(f)
   rows = _rows(report)
-  assert list(rows) == ['teacher', 'student_labels', 'student_kd']
+  assert list(rows) == ['teacher', 'student_labels', 'student_kd', 'student_labels_10shot',
+                        'student_kd_10shot']
   for name, row in rows.items():
     for column in ('params', 'bytes', 'accuracy', 'macro_f1', 'latency_ms_b1',
                    'latency_ms_b64'):
@@ -341,7 +343,7 @@ def test_tiny_run_writes_a_report_of_teacher_and_both_students(classification_ru
     assert 0 <= row['accuracy'] <= 1 and 0 <= row['macro_f1'] <= 1
     assert row['latency_ms_b1'] > 0 and row['latency_ms_b64'] > 0
     assert row['bytes'] == 4 * row['params']  # float32
-  assert rows['student_labels']['params'] == rows['student_kd']['params']
+  assert len({rows[name]['params'] for name in rows if name != 'teacher'}) == 1
   assert rows['student_kd']['params'] < rows['teacher']['params']
   text = (workdir / 'report.md').read_text()
   assert all(name in text for name in rows)
@@ -374,16 +376,21 @@ def test_a_student_quantizes_from_its_own_directory_once_its_teacher_is_gone(
 def test_both_students_train_on_the_same_batches(classification_run):
   """They share one training iterator: each run must start it at the same place, so the
   comparison differs in the loss alone (and not in which batches each student saw)."""
-  positions = []
-  for name in ('student_labels', 'student_kd'):
+  positions = {}
+  for name in ('student_labels', 'student_kd', 'student_labels_10shot', 'student_kd_10shot'):
     checkpoints = Checkpoints(str(classification_run.workdir / name / 'checkpoints'),
                               keep_last=100, keep_best=0, best_metric='eval/loss',
                               best_mode='min')
     try:
-      positions.append(checkpoints.restore_progress(2)['data'])
+      positions[name] = checkpoints.restore_progress(2)['data']
     finally:
       checkpoints.close()
-  assert positions[0] == positions[1]
+  assert positions['student_labels'] == positions['student_kd']
+  # The second pair shares its own iterator the same way: the 10-shot split, with the rest
+  # of the split beside it as the transfer stream (a position the first pair has not).
+  assert positions['student_labels_10shot'] == positions['student_kd_10shot']
+  assert 'unlabelled' in positions['student_kd_10shot'][0]['shards'][0]
+  assert 'unlabelled' not in positions['student_kd'][0]['shards'][0]
 
 
 def test_distillation_leaves_the_teacher_run_unchanged(classification_run):
@@ -423,7 +430,8 @@ def test_cached_teacher_has_every_class_of_every_training_example(classification
 def test_rerun_of_a_finished_distillation_only_rewrites_the_report(classification_run):
   workdir = classification_run.workdir
   trained = {name: _tree_digest(workdir / name / 'checkpoints')
-             for name in ('teacher', 'student_labels', 'student_kd')}
+             for name in ('teacher', 'student_labels', 'student_kd', 'student_labels_10shot',
+                          'student_kd_10shot')}
   os.remove(workdir / 'report.json')
   os.remove(workdir / 'report.md')
   report = distill.run(classification_run.config, str(workdir))
@@ -467,6 +475,42 @@ def test_tiny_language_model_distillation_end_to_end(tfds_dir, tmp_path):
 def test_bad_distill_config_names_the_field(fields, message):
   with pytest.raises(ValueError, match=message):
     _spec(2, 6, **fields)
+
+
+def test_few_shot_pair_is_the_run_with_k_shots_a_transfer_set_and_the_same_teacher():
+  config = load_config('distill', '')
+  pair = few_shot_pair.pair_config(config)
+  assert (pair.data.shots_per_class, pair.train.num_steps) == (10, 250)
+  assert (pair.distill.mode, pair.distill.transfer, pair.teacher.shots_per_class) == (
+      'online', 'rest', 0)
+  assert (pair.optim.warmup_steps, pair.train.eval_every, pair.checkpoint.every_steps) == (
+      25, 125, 125)
+  # Everything else (student, objective, learning rate, seed) is the first pair's.
+  for fields in ('student', 'optim.lr', 'distill.alpha', 'distill.temperature', 'seed'):
+    got, want = pair, config
+    for part in fields.split('.'):
+      got, want = got[part], want[part]
+    assert got == want, fields
+  assert config.data.shots_per_class == 0 and config.distill.mode == 'cached'  # untouched
+
+
+def test_few_shot_pair_is_off_at_zero_shots_for_a_few_shot_run_and_for_lm():
+  config = load_config('distill', 'tiny')
+  config.few_shot_pair.shots_per_class = 0
+  assert few_shot_pair.pair_config(config) is None
+  config = load_config('distill', 'tiny')
+  config.data.shots_per_class = 5  # the first pair is already the few-shot one
+  assert few_shot_pair.pair_config(config) is None
+  assert few_shot_pair.pair_config(load_config('distill', 'tiny,task=lm')) is None
+
+
+@pytest.mark.parametrize('field, value', [('shots_per_class', -1), ('num_steps', 0)])
+def test_bad_few_shot_pair_names_the_field(field, value, tmp_path):
+  config = load_config('distill', 'tiny')
+  config.few_shot_pair[field] = value
+  with pytest.raises(ValueError, match=rf'config\.few_shot_pair\.{field}={value}'):
+    distill.run(config, str(tmp_path / 'distill'))
+  assert not (tmp_path / 'distill').exists()  # refused before anything was written
 
 
 def test_student_deeper_than_the_teacher_names_the_field():
