@@ -36,7 +36,8 @@ keeps rows whose clean prediction reaches 0.5 (UDA's 0.8 is for a handful of cla
       (proportional mixing), against each task alone for the same steps (the run's own
       single-task baselines): the paired difference per task.
   main_job: configs/distill.py as the README runs it (its own schedule; only the seed is
-      set), both pairs of students, each distilled student against its label-only twin.
+      set; 'T2'), both pairs of students, each distilled student against its label-only
+      twin; 'T1' and 'T4' add the whole-split distilled student at temperatures 1 and 4.
       --teacher reuses one finished teacher for every seed (the teacher's own seed is not
       the question); without it each seed trains its own.
 
@@ -120,11 +121,16 @@ MULTITASK = Study(
 # The main job itself (configs/distill.py at its own schedule) over seeds: both pairs of
 # students, on the whole split and on 10 shots with the teacher labelling the rest. A seed
 # moves the students' data order, dropout and 10-shot cut; --teacher shares one teacher.
+# T1 and T4 redo the whole-split distilled student at another temperature (alpha stays 0.7).
 MAIN_JOB = Study(
     config='configs/distill.py', baseline='labels only',
-    variants={'main_job': []},
+    variants={'T2': [], **{f'T{t}': [f'--config.distill.temperature={t}',
+                                     f'--config.distill.temperature_end={t}',
+                                     '--config.distill.baseline=False',
+                                     '--config.few_shot_pair.shots_per_class=0']
+                           for t in (1, 4)}},
     metrics={'whole split: labels only': 'rows.student_labels.accuracy',
-             'whole split: distilled': 'rows.student_kd.accuracy',
+             'whole split: distilled, {variant}': 'rows.student_kd.accuracy',
              '10-shot: labels only': 'rows.student_labels_10shot.accuracy',
              '10-shot: distilled, the teacher labelling the rest':
              'rows.student_kd_10shot.accuracy'})
@@ -159,7 +165,7 @@ def study_overrides(study: str, workdir: str, steps: int, lr: float, seed: int) 
 def run_dir(workdir: str, study: str, steps: int, lr: float, variant: str, seed: int) -> str:
   """Where a run lives; `lr` is the fine-tunes' (for distill: its teachers')."""
   if study == 'main_job':  # its own schedule and learning rates
-    return os.path.join(workdir, study, f'seed{seed}')
+    return os.path.join(workdir, study, variant, f'seed{seed}')
   return os.path.join(workdir, f'{study}_{steps}_lr{lr:g}', variant, f'seed{seed}')
 
 
