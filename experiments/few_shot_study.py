@@ -34,7 +34,8 @@ keeps rows whose clean prediction reaches 0.5 (UDA's 0.8 is for a handful of cla
       unlabelled rest as a transfer set, and with both (the augmented transfer set).
   multitask: configs/multitask.py on Banking77 and CLINC150 at 10 shots per class of each
       (proportional mixing), against each task alone for the same steps (the run's own
-      single-task baselines): the paired difference per task.
+      single-task baselines): the paired difference per task. 'multitask_2x' trains the
+      multi-task model for twice the steps (the two single-task runs' compute together).
   main_job: configs/distill.py as the README runs it (its own schedule; only the seed is
       set; 'T2'), both pairs of students, each distilled student against its label-only
       twin; 'T1' and 'T4' add the whole-split distilled student at temperatures 1 and 4.
@@ -54,6 +55,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -82,7 +84,9 @@ EDA = "('synonym:0.1','insert:0.1','swap:0.1','delete:0.1')"
 class Study:
   config: str                        # the config file every run starts from
   baseline: str                      # the variant the others are compared with
-  variants: dict[str, list[str]]     # name -> its command-line overrides
+  # name -> its command-line overrides (after the study's own), or a function of --steps
+  # giving them
+  variants: dict[str, list[str] | Callable[[int], list[str]]]
   metrics: dict[str, str]            # table row -> where in the run's report its accuracy is
 
 
@@ -112,11 +116,20 @@ DISTILL = Study(
 
 # One run of configs/multitask.py is both sides of the comparison: the multi-task model and
 # each task trained alone for the same steps (its single_<task> sub-runs).
+# 'multitask' holds the budget fixed (the multi-task model gets the steps one single-task
+# run gets, so each task sees only its share of them); 'multitask_2x' holds the compute
+# fixed (the steps of both single-task runs together, no baselines of its own), asking whether
+# sharing costs anything once each task has had its steps.
 MULTITASK = Study(
     config='configs/multitask.py', baseline='single',
-    variants={'multitask': []},
-    metrics={f'{task}: {side}': f'{side}.{task}.accuracy'
-             for task in ('banking77', 'clinc150') for side in ('single', 'multi')})
+    variants={'multitask': [],
+              'multitask_2x': lambda steps: [
+                  '--config.multitask.baselines=False', f'--config.train.num_steps={2 * steps}',
+                  f'--config.optim.warmup_steps={2 * steps // 10}',
+                  f'--config.train.eval_every={steps}', f'--config.checkpoint.every_steps={steps}']},
+    metrics={**{f'{task}: single': f'single.{task}.accuracy' for task in ('banking77', 'clinc150')},
+             **{f'{task}: {{variant}}': f'multi.{task}.accuracy'
+                for task in ('banking77', 'clinc150')}})
 
 # The main job itself (configs/distill.py at its own schedule) over seeds: both pairs of
 # students, on the whole split and on 10 shots with the teacher labelling the rest. A seed
@@ -160,6 +173,10 @@ def study_overrides(study: str, workdir: str, steps: int, lr: float, seed: int) 
     raise app.UsageError(f'{teacher}: no finished teacher; run --study=augment first '
                          f'(its none variant, seed {seed})')
   return [f'--config.teacher.workdir={teacher}', '--config.distill.mode=online']
+
+
+def overrides(variant: list[str] | Callable[[int], list[str]], steps: int) -> list[str]:
+  return variant(steps) if callable(variant) else variant
 
 
 def run_dir(workdir: str, study: str, steps: int, lr: float, variant: str, seed: int) -> str:
@@ -210,7 +227,7 @@ def main(argv: list[str]) -> None:
       command = ['main.py', f'--config={study.config}',
                  *common_overrides(_STUDY.value, steps, seed),
                  *study_overrides(_STUDY.value, _WORKDIR.value, steps, _LR.value, seed),
-                 *study.variants[name], f'--workdir={directory}']
+                 *overrides(study.variants[name], steps), f'--workdir={directory}']
       commands.append(' '.join(command))
       took = run(command, directory)
       if took:
