@@ -331,7 +331,7 @@ def plot(values: dict[str, dict[int, float]], baseline: str, path: str) -> None:
     ax.bar(i, sum(points) / len(points), color='tab:orange' if is_baseline else 'tab:blue',
            alpha=0.5)
     ax.scatter([i] * len(points), points, color='black', s=12, zorder=3)
-  ax.set_xticks(range(len(names)), names, rotation=20)
+  ax.set_xticks(range(len(names)), names, rotation=20, ha='right')
   low = min(100 * v for by_seed in values.values() for v in by_seed.values())
   ax.set_ylim(low - 3, None)
   ax.set_ylabel('test accuracy (%)')
