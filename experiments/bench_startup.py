@@ -50,7 +50,10 @@ _REPEATS = flags.DEFINE_integer('repeats', 2, 'Runs per cell (the median is show
                                 lower_bound=1)
 _OUT = flags.DEFINE_string('out', '', 'Also write the table (markdown) here.')
 TIMEOUT_S = 900
-EVERY_STEP = ['--config.train.log_every=1', '--config.train.num_steps=3']
+# Three steps, each logged; no warmup, which a config's own may outlast (the default
+# fine-tune's 80 steps are refused for a 3-step run).
+EVERY_STEP = ['--config.train.log_every=1', '--config.train.num_steps=3',
+              '--config.optim.warmup_steps=0']
 
 
 def seconds_to_first_step(args: list[str], cache: str, env: dict[str, str]) -> float:
