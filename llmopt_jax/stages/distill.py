@@ -38,8 +38,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   train = TrainConfig.from_config(config)  # every bad field fails before anything is written
   student_task.check_fields(config)  # and before the teacher, which may take a while to train
   pair = few_shot_pair.pair_config(config)
+  pair_train = None if pair is None else TrainConfig.from_config(pair)
   if pair is not None:
-    TrainConfig.from_config(pair)
     student_task.check_fields(pair)
   workdir_lib.prepare(workdir, config)
   started = time.perf_counter()
@@ -57,7 +57,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   notes = []
   if pair is not None:
     pair_problem = problem_lib.make(pair, teacher, workdir)
-    rows += _students(pair, TrainConfig.from_config(pair), workdir, teacher, pair_problem,
+    rows += _students(pair, pair_train, workdir, teacher, pair_problem,
                       mesh, rules, few_shot_pair.suffix(pair))
     notes.append(few_shot_pair.describe(pair))
   record = {'rows': [r.to_json() for r in rows], 'wall_time_s': time.perf_counter() - started,
