@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmopt_jax import sharding
+from llmopt_jax.models import dropout
 from llmopt_jax.models import families
 from llmopt_jax.models import kv_cache
 from llmopt_jax.models import layers
@@ -74,7 +75,7 @@ class Attention(nnx.Module):
     self.k = layers.param(rngs, init, (d, k, h), pdtype, ('embed', 'kv_heads', 'kv'))
     self.v = layers.param(rngs, init, (d, k, h), pdtype, ('embed', 'kv_heads', 'kv'))
     self.o = layers.param(rngs, out_init, (n, h, d), pdtype, ('heads', 'kv', 'embed'))
-    self.dropout = nnx.Dropout(c.attention_dropout_rate)
+    self.dropout = dropout.Dropout(c.attention_dropout_rate)
     bias = functools.partial(layers.Bias, param_dtype=pdtype, rngs=rngs)
     qkv_bias = family.bias or c.attention_bias
     self.q_bias = bias((n, h), ('heads', 'kv')) if qkv_bias else None

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llmopt_jax.models import dropout
 from llmopt_jax.models import families
 from llmopt_jax.models import layers
 from llmopt_jax.models.config import TransformerConfig
@@ -83,7 +84,7 @@ class SequenceClassifier(nnx.Module):
     dense = functools.partial(layers.Dense, c.embed_dim, axes=('embed', None),
                               init_std=c.init_std, dtype=dtype, param_dtype=pdtype, rngs=rngs)
     self.pooler = dense(c.embed_dim, use_bias=True) if uses_pooler(c, head) else None
-    self.dropout = nnx.Dropout(c.dropout_rate)
+    self.dropout = dropout.Dropout(c.dropout_rate)
     self.classifier = dense(num_labels, use_bias=not family.causal)
 
   def __call__(self, tokens: jax.Array, *, token_types: jax.Array | None = None,

@@ -30,6 +30,7 @@ from flax import nnx
 
 from llmopt_jax import sharding
 from llmopt_jax.models import attention
+from llmopt_jax.models import dropout
 from llmopt_jax.models import families
 from llmopt_jax.models import kv_cache
 from llmopt_jax.models import layers
@@ -65,7 +66,7 @@ class Block(nnx.Module):
         c.embed_dim, c.mlp_dim, init_std=c.init_std,
         out_std=c.init_std / math.sqrt(2 * c.num_layers), dtype=dtype, param_dtype=pdtype,
         rngs=rngs, activation=family.activation, gated=family.gated_mlp, use_bias=family.bias)
-    self.dropout = nnx.Dropout(c.dropout_rate)
+    self.dropout = dropout.Dropout(c.dropout_rate)
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array,
                rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
@@ -127,7 +128,7 @@ class Transformer(nnx.Module):
                              dtype=self.dtype, param_dtype=pdtype, rngs=rngs)
     self.embed_norm = norm() if family.post_norm else None
     # GPT-2 and BERT drop out the summed embeddings; Llama has no dropout there.
-    self.embed_dropout = nnx.Dropout(c.dropout_rate if family.positions == 'learned' else 0.0)
+    self.embed_dropout = dropout.Dropout(c.dropout_rate if family.positions == 'learned' else 0.0)
     self.blocks = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
     self.final_norm = None if family.post_norm else norm()
     # Named `lm_head`, not `*embedding`, so name-based rules (weight decay) treat it as the
