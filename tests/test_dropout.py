@@ -102,3 +102,11 @@ def _stream_mask(key, shape, rate):
 def test_bad_rate_is_refused():
   with pytest.raises(ValueError, match='dropout rate'):
     dropout.Dropout(1.5)
+
+
+def test_bfloat16_inputs_keep_their_dtype():
+  x = jnp.full((8, 64), 1.0, jnp.bfloat16)
+  y = dropout.Dropout(0.1)(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
+  assert y.dtype == jnp.bfloat16
+  p = dropout.keep_threshold(0.1) / 2 ** 16
+  assert set(np.unique(np.asarray(y, np.float32))) <= {0.0, float(jnp.bfloat16(1 / p))}
