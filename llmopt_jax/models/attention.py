@@ -144,7 +144,7 @@ class Attention(nnx.Module):
     out = jnp.einsum(f'BKGTS,{values}->BTKGH', probs.astype(self.dtype), v)
     b, t, k_heads, g, h = out.shape
     out = out.reshape(b, t, k_heads * g, h)  # [B, T, N, H], query head n = k * G + g
-    out = layers.contract_heads(out, self.o, self.dtype)
+    out = layers.contract('BTNH,NHD->BTD', out, self.o, self.dtype)
     return layers.maybe_bias(out, self.o_bias)
 
   def cached(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array, cursor: jax.Array,

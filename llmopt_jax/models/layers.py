@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmopt_jax import sharding
+from llmopt_jax.models import matmul
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -69,29 +70,17 @@ def contract(spec: str, x: jax.Array, kernel: nnx.Variable, dtype: jnp.dtype,
              **einsum_kwargs) -> jax.Array:
   """`einsum(spec, x, kernel)` in `dtype`, for every weight matrix of every model.
 
-  A kernel holding a plain array is cast and contracted here; any other value (a quantized
-  kernel, `quant.kernels`) contracts itself, so a parameter tree with integer weights in
-  place of float ones runs the same model classes.
+  A kernel holding a plain array is cast and contracted here, as the 2-D matmul the spec
+  is (`models.matmul`: its backward pass avoids XLA:CPU's transposed copies; a two-axis
+  contraction such as attention's [N,H,D] output projection is reshaped into one axis, which
+  also stops XLA copying the kernel into a transposed layout on every decode step). Any other
+  value (a quantized kernel, `quant.kernels`) contracts itself, so a parameter tree with
+  integer weights in place of float ones runs the same model classes.
   """
   w = kernel.get_value()
   if isinstance(w, jax.Array):
-    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), **einsum_kwargs)
+    return matmul.einsum(spec, x.astype(dtype), w.astype(dtype), **einsum_kwargs)
   return w.einsum(spec, x, dtype)
-
-
-def contract_heads(x: jax.Array, kernel: nnx.Variable, dtype: jnp.dtype) -> jax.Array:
-  """Attention's output projection: heads `x` [B,T,N,H] through `kernel` [N,H,D] -> [B,T,D].
-
-  A plain kernel is contracted as the [B,T,N*H] x [N*H,D] matmul it is (both reshapes are
-  free): as a two-axis einsum, XLA on CPU copied the kernel into a transposed layout on every
-  call, 12 times per GPT-2 decode step (experiments/bench_generate.py found it).
-  """
-  w = kernel.get_value()
-  if not isinstance(w, jax.Array):
-    return contract('BTNH,NHD->BTD', x, kernel, dtype)
-  b, t, n, h = x.shape
-  merged = x.reshape(b, t, n * h).astype(dtype)
-  return jnp.einsum('BTF,FD->BTD', merged, w.reshape(n * h, -1).astype(dtype))
 
 
 def lookup(table: nnx.Variable, ids: jax.Array, dtype: jnp.dtype | None = None) -> jax.Array:
