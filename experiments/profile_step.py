@@ -113,8 +113,8 @@ def category(name: str, line: str) -> str:
   backward = op.startswith('transpose(jvp')
   if 'dot_general' in op or (' dot(' in line and 'reduce' not in op):
     return 'matmuls'
-  if re.search(r'bernoulli|uniform|threefry|random_bits', op):
-    return 'dropout masks (random bits)'
+  if re.search(r'bernoulli|uniform|threefry|random_bits|dropout', op):
+    return 'dropout (random bits, mask)'
   if 'copy' in name or 'transpose' in name:
     return 'copies and transposes' + (' (backward)' if backward else '')
   if re.search(r'reduce_(sum|max)|argmax|reduce\b', op) or 'reduce' in name:

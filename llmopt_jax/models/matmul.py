@@ -66,8 +66,9 @@ def einsum(spec: str, x: jax.Array, w: jax.Array,
     new_axes = w.shape[c:]
     w2 = w.reshape(k, -1)
   lead = x.shape[:x.ndim - c]
-  y = _matmul(x.reshape(-1, k), w2, plan.w_transposed,
-              None if preferred_element_type is None else jnp.dtype(preferred_element_type))
+  with jax.named_scope(spec):  # profiles name the product by its einsum, as jnp.einsum's
+    y = _matmul(x.reshape(-1, k), w2, plan.w_transposed,
+                None if preferred_element_type is None else jnp.dtype(preferred_element_type))
   return y.reshape(*lead, *new_axes)
 
 
