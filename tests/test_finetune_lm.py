@@ -90,7 +90,8 @@ def test_lm_lora_leaves_base_weights_bitwise_unchanged(pretrain_workdir, tfds_di
   assert report['validation']['best']['loss'] < report['validation']['start']['loss']
   assert report['trainable_params'] < 0.5 * report['total_params']
 
-  state = restore_state(workdir, config.train.num_steps)
+  # The best step's state: the one inference loads and merges below (not always the last).
+  state = restore_state(workdir, trained.best_step(str(workdir)))
   before = flat(restore_state(pretrain_workdir, trained.best_step(pretrain_workdir))['params'])
   after = flat(state['params']['base'])
   assert before.keys() == after.keys()
