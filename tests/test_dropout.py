@@ -17,13 +17,13 @@ N = math.prod(SHAPE)
 SIGMAS = 5.0  # a deviation beyond 5 standard errors has odds ~3e-7 under a correct mask
 
 
-def _mask(rate: float, seed: int = 0, shape=SHAPE) -> np.ndarray:
-  return np.asarray(dropout.keep_mask(jax.random.key(seed), shape, rate))
+def _mask(rate: float, seed: int = 0) -> np.ndarray:
+  return np.asarray(dropout.keep_mask(jax.random.key(seed), SHAPE, rate))
 
 
 @pytest.mark.parametrize('rate', [0.1, 0.5, 0.9])
 def test_keep_fraction_is_the_threshold_over_two_to_the_sixteen(rate):
-  p = dropout.keep_threshold(rate) / 2 ** 16
+  p = dropout.keep_probability(rate)
   assert abs(p - (1 - rate)) <= 2 ** -17
   kept = _mask(rate).mean()
   assert abs(kept - p) <= SIGMAS * math.sqrt(p * (1 - p) / N)
@@ -32,7 +32,7 @@ def test_keep_fraction_is_the_threshold_over_two_to_the_sixteen(rate):
 def test_the_two_halves_of_a_word_are_independent():
   """Elements 2j and 2j + 1 share a word: both kept with probability p^2, not more."""
   rate = 0.5
-  p = dropout.keep_threshold(rate) / 2 ** 16
+  p = dropout.keep_probability(rate)
   mask = _mask(rate)[..., :1022].reshape(-1, 2)
   both = (mask[:, 0] & mask[:, 1]).mean()
   assert abs(both - p * p) <= SIGMAS * math.sqrt(p * p * (1 - p * p) / len(mask))
@@ -49,7 +49,7 @@ def test_layer_is_unbiased_and_scales_the_kept():
   layer = dropout.Dropout(rate)
   x = jnp.full(SHAPE, 3.0, jnp.float32)
   y = np.asarray(layer(x, deterministic=False, rngs=nnx.Rngs(dropout=0)))
-  p = dropout.keep_threshold(rate) / 2 ** 16
+  p = dropout.keep_probability(rate)
   assert set(np.unique(y)) <= {0.0, np.float32(3.0 / p)}
   # mean(y) / 3 = kept fraction / p: mean 1, standard error sqrt((1 - p) / (p N)).
   assert abs(y.mean() / 3.0 - 1.0) <= SIGMAS * math.sqrt((1 - p) / (p * N))
@@ -68,7 +68,7 @@ def test_gradient_is_the_mask_over_the_keep_probability():
   x = jnp.ones((4, 33))
   key = jax.random.key(7)
   grad = jax.grad(lambda v: layer(v, deterministic=False, rngs=nnx.Rngs(dropout=key)).sum())(x)
-  p = dropout.keep_threshold(rate) / 2 ** 16
+  p = dropout.keep_probability(rate)
   assert set(np.unique(np.asarray(grad))) <= {0.0, np.float32(1 / p)}
 
 
@@ -87,7 +87,7 @@ def test_mask_is_the_same_however_the_array_is_sharded(spec):
 
   sharded = apply(x, key)
   assert sharded.sharding.spec == spec  # the bits were drawn shard by shard
-  p = dropout.keep_threshold(0.1) / 2 ** 16
+  p = dropout.keep_probability(0.1)
   np.testing.assert_array_equal(np.asarray(sharded) != 0, _stream_mask(key, shape, 0.1))
   assert abs((np.asarray(sharded) != 0).mean() - p) < 0.01
 
@@ -108,5 +108,5 @@ def test_bfloat16_inputs_keep_their_dtype():
   x = jnp.full((8, 64), 1.0, jnp.bfloat16)
   y = dropout.Dropout(0.1)(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
   assert y.dtype == jnp.bfloat16
-  p = dropout.keep_threshold(0.1) / 2 ** 16
+  p = dropout.keep_probability(0.1)
   assert set(np.unique(np.asarray(y, np.float32))) <= {0.0, float(jnp.bfloat16(1 / p))}

@@ -28,8 +28,13 @@ def keep_threshold(rate: float) -> int:
   return round((1.0 - rate) * _HALF_WORD)
 
 
+def keep_probability(rate: float) -> float:
+  """The probability that `keep_mask` keeps an element: keep_threshold / 2^16."""
+  return keep_threshold(rate) / _HALF_WORD
+
+
 def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
-  """A boolean mask of `shape`, each element True with probability keep_threshold / 2^16."""
+  """A boolean mask of `shape`, each element True with probability `keep_probability`."""
   *lead, last = shape
   words = jax.random.bits(key, (*lead, -(-last // 2)), jnp.uint32)
   halves = jnp.stack([words & (_HALF_WORD - 1), words >> 16], axis=-1)
@@ -53,11 +58,11 @@ class Dropout(nnx.Module):
       return x
     if rngs is None:
       raise ValueError('Dropout: deterministic=False needs rngs with a dropout stream')
-    threshold = keep_threshold(self.rate)
-    if threshold == 0:
+    p = keep_probability(self.rate)
+    if p == 0.0:
       return jnp.zeros_like(x)
     with jax.named_scope('dropout'):  # so profiles can tell its ops from the layer's
       keep = keep_mask(rngs.dropout(), x.shape, self.rate)
       # Scaled in float32: 1 / 0.9 rounded to bfloat16 would bias every kept value by 0.2%.
-      scaled = (x.astype(jnp.float32) * (_HALF_WORD / threshold)).astype(x.dtype)
+      scaled = (x.astype(jnp.float32) * (1.0 / p)).astype(x.dtype)
       return jnp.where(keep, scaled, jnp.zeros((), x.dtype))
