@@ -119,6 +119,31 @@ def test_pruner_stops_a_worse_trial_cleanly_and_its_command_resumes_it(tfds_dir,
   assert read_json(run / 'summary.json')['final_step'] == 6
 
 
+def test_tune_finetune_starts_from_the_default_it_is_compared_with(tiny_bert_dir, tmp_path):
+  """configs/tune_finetune.py: its space holds the default fine-tune's own values and reads at
+  most 1.5x the default's queries per trial; its trial 0 is that default (enqueue_base), run
+  as an ordinary fine-tune whose config.json holds the base's values."""
+  default = load_config('finetune')
+  space = sweep_config.SweepConfig.from_config(load_config('tune_finetune')).space
+  dims = {d.path: d for d in space.dimensions}
+  for d in dims.values():
+    assert (d.base in d.choices if d.kind == 'categorical' else d.low <= d.base <= d.high), d
+  most_queries = max(dims['train.num_steps'].choices) * max(dims['train.batch_size'].choices)
+  assert most_queries <= 1.5 * default.train.num_steps * default.train.batch_size
+
+  config = load_config('tune_finetune', 'tiny')
+  config.base.init.model = tiny_bert_dir
+  config.sweep.trials = 1
+  workdir = tmp_path / 'tune'
+  stages.run(config, str(workdir))
+  [trial] = trials_of(workdir)
+  assert trial.state == TrialState.COMPLETE
+  run = read_json(workdir / 'trials' / '0' / 'config.json')
+  for path, value in trial.params.items():
+    section, field = path.split('.')
+    assert value == config.base[section][field] == run[section][field], path
+
+
 def test_grid_over_variants_runs_each_once_with_a_run_per_seed(tfds_dir, tmp_path):
   """An ablation: a grid over two named variants x 2 seeds is two trials, one per variant,
   each with a run per seed (its seed and the variant's value in its config.json) and the
