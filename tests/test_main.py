@@ -43,8 +43,7 @@ def cli_env(tfds_dir) -> dict[str, str]:
 def main_py(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
   """Runs `python main.py *args` in the repository; `subprocess.run` kills it on timeout."""
   return subprocess.run([sys.executable, 'main.py', *args], check=False, cwd=REPO,
-                        env=env,
-                        capture_output=True, text=True, timeout=TIMEOUT_S)
+                        env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
 def explain(result: subprocess.CompletedProcess) -> str:
