@@ -28,14 +28,17 @@ SPACE = {'optim.lr': FloatDistribution(1e-5, 1e-2, log=True),
          'train.num_steps': IntDistribution(10, 100)}
 
 
-def _sweep(direction='maximize', variants=None, baseline=None, seeds=1):
+def _sweep(direction='maximize', variants=None, baseline=None, seeds=1, sampler='tpe',
+           pruner='none'):
   """The SweepConfig fields the report reads."""
   return types.SimpleNamespace(metric='eval/accuracy', direction=direction, baseline=baseline,
-                               variants=variants or {}, seeds=seeds)
+                               variants=variants or {}, seeds=seeds, sampler=sampler,
+                               pruner=pruner)
 
 
 def _trial(number, state=TrialState.COMPLETE, params=None, values=(), seeds=None,
-           seconds=10.0, variant=None, distributions=None, intermediate=None):
+           seconds=10.0, variant=None, distributions=None, intermediate=None,
+           system_attrs=None):
   params = params if params is not None else {'optim.lr': 1e-3, 'train.num_steps': 20}
   seeds = list(seeds if seeds is not None else range(len(values)))
   value = float(np.mean(values)) if state == TrialState.COMPLETE else None
@@ -45,7 +48,7 @@ def _trial(number, state=TrialState.COMPLETE, params=None, values=(), seeds=None
            'command': f'python main.py --config=configs/finetune.py:tiny --trial={number}'}
   return create_trial(state=state, value=value, params=params,
                       distributions=distributions or SPACE, user_attrs=attrs,
-                      intermediate_values=intermediate)
+                      system_attrs=system_attrs, intermediate_values=intermediate)
 
 
 def _study(direction, trials):
@@ -119,6 +122,23 @@ def test_report_lists_every_trial_with_its_state(tmp_path):
   # Had the pruned trial run on, it would have cost the mean complete trial: (10 + 50) / 2.
   assert study['spared_trial_seconds_estimate'] == pytest.approx(30 - 20)
   assert study['spared_share_estimate'] == pytest.approx(10 / (110 + 10))
+
+
+def test_report_names_the_sweeps_sampler_and_pruner_and_a_base_trial_is_no_llm_study(
+    tmp_path):
+  """A report written from a study loaded afresh (which carries Optuna's default pruner, not
+  the sweep's) names the sweep's own sampler and pruner; a trial 0 enqueued with the base
+  config's values (enqueue_base) does not make it an LLM sampler's study."""
+  base = {'optim.lr': 1e-3, 'train.num_steps': 20}
+  trials = [_trial(0, params=base, values=[0.8], system_attrs={'fixed_params': base}),
+            _trial(1, params={'optim.lr': 3e-3, 'train.num_steps': 40}, values=[0.9])]
+  record = report.write_report(str(tmp_path), _study('maximize', trials),
+                               _sweep(sampler='random', pruner='hyperband'))
+  assert (record['study']['sampler'], record['study']['pruner']) == ('random', 'hyperband')
+  assert 'llm' not in record
+  markdown = (tmp_path / 'report.md').read_text()
+  assert 'random sampler, hyperband pruner' in markdown
+  assert 'LLM' not in markdown
 
 
 @pytest.mark.parametrize('direction', ['maximize', 'minimize'])

@@ -52,7 +52,7 @@ def write_report(workdir: str, study: optuna.Study, sweep: Any) -> dict:
                if best else 'Best: no trial has completed yet.')
   notes = [_study_line(record['study']), best_line, *_importance_lines(importances),
            *_ablation_lines(ablation, sweep.baseline), *_plot_lines(plots)]
-  proposed = any(r['proposer'] for r in rows)  # an LLM sampler's study
+  proposed = any(r['proposer'] not in (None, 'enqueued') for r in rows)  # an LLM's study
   if proposed:
     record['llm'] = _llm_record(trials)
     notes.insert(1, _llm_line(record['llm']))
@@ -136,8 +136,9 @@ def _study_record(study: optuna.Study, sweep: Any, rows: list[dict]) -> dict[str
   # What the pruned trials would have cost had they run to the end, at the mean complete cost.
   spared = (max(0.0, len(pruned) * sum(complete) / len(complete) - seconds['PRUNED'])
             if complete and pruned else 0.0)
-  return {'name': study.study_name, 'sampler': type(study.sampler).__name__,
-          'pruner': type(study.pruner).__name__, 'metric': sweep.metric,
+  # The config's names: a study loaded to be reported has Optuna's default pruner, not its own.
+  return {'name': study.study_name, 'sampler': sweep.sampler, 'pruner': sweep.pruner,
+          'metric': sweep.metric,
           'direction': sweep.direction,
           'trials_by_state': dict(collections.Counter(r['state'] for r in rows)),
           'trial_seconds': finished, 'pruned_trial_seconds': seconds['PRUNED'],
