@@ -73,7 +73,8 @@ def _sweep(base: ml_collections.ConfigDict, base_config: str,
                                    # unless this is lowered)
   sweep.pruner = 'median'          # none | median | hyperband; fed by each evaluation
   sweep.pruner_startup_trials = 5  # median: no pruning before this many trials finished
-  sweep.pruner_warmup_steps = 0    # median: nor before this step of a trial
+  sweep.pruner_warmup_steps = 0    # nor before this step of a trial (hyperband: its first
+                                   # rung is the first evaluation from this step on)
   sweep.storage = ''               # '' = <workdir>/study.db (SQLite); or a database URL
   sweep.study_name = 'sweep'
   sweep.heartbeat_s = 10           # a worker silent for 3 heartbeats is taken for dead and

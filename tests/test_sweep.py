@@ -119,17 +119,31 @@ def test_pruner_stops_a_worse_trial_cleanly_and_its_command_resumes_it(tfds_dir,
   assert read_json(run / 'summary.json')['final_step'] == 6
 
 
+@pytest.mark.parametrize('warmup, rung', [(0, 1), (1, 1), (3, 1), (4, 2), (6, 2), (7, 3)])
+def test_hyperbands_first_rung_is_the_first_evaluation_after_the_pruner_warmup(warmup, rung,
+                                                                              tfds_dir):
+  """With evaluations every 3 steps, sweep.pruner_warmup_steps=w puts Hyperband's smallest
+  resource at the first evaluation at or after step w (the median pruner's rule too)."""
+  config = tiny_sweep(tfds_dir, pruner='hyperband', pruner_warmup_steps=warmup)
+  assert config.base.train.eval_every == 3
+  sweep = sweep_config.SweepConfig.from_config(config)
+  assert sweep.min_resource == 3 * rung
+  assert study_lib.make_pruner(sweep)._min_resource == 3 * rung
+
+
 def test_tune_finetune_starts_from_the_default_it_is_compared_with(tiny_bert_dir, tmp_path):
   """configs/tune_finetune.py: its space holds the default fine-tune's own values and reads at
   most 1.5x the default's queries per trial; its trial 0 is that default (enqueue_base), run
   as an ordinary fine-tune whose config.json holds the base's values."""
   default = load_config('finetune')
-  space = sweep_config.SweepConfig.from_config(load_config('tune_finetune')).space
-  dims = {d.path: d for d in space.dimensions}
+  full = sweep_config.SweepConfig.from_config(load_config('tune_finetune'))
+  dims = {d.path: d for d in full.space.dimensions}
   for d in dims.values():
     assert (d.base in d.choices if d.kind == 'categorical' else d.low <= d.base <= d.high), d
   most_queries = max(dims['train.num_steps'].choices) * max(dims['train.batch_size'].choices)
   assert most_queries <= 1.5 * default.train.num_steps * default.train.batch_size
+  # Hyperband judges no trial inside the longest warmup the space holds.
+  assert full.min_resource >= dims['optim.warmup_steps'].high
 
   config = load_config('tune_finetune', 'tiny')
   config.base.init.model = tiny_bert_dir

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -47,11 +48,12 @@ class SweepConfig:
   space: space_lib.SearchSpace
   baseline: str                # the variant others are compared with ('' = none)
   pruner_startup_trials: int   # median: trials that finish before any is pruned
-  pruner_warmup_steps: int     # median: steps of each trial before it may be pruned
+  pruner_warmup_steps: int     # steps of each trial before it may be pruned (both pruners)
   heartbeat_s: int             # a worker silent for 3 heartbeats is dead: its trial is retried
   max_retries: int             # how often one trial is retried after its worker died
   max_resource: int            # hyperband: the base's train.num_steps (0 = Optuna's 'auto')
-  min_resource: int            # hyperband: the base's train.eval_every (0 = 'auto')
+  min_resource: int            # hyperband: the first evaluation not before
+                               # pruner_warmup_steps (0 = 'auto')
   startup_trials: int = 10     # tpe/gp/cmaes: random trials before the model is used
   enqueue_base: bool = False   # trial 0 runs the base config's own values
   llm: llm_config.LlmConfig | None = None  # samplers llm and llm_warm_start only
@@ -109,8 +111,18 @@ class SweepConfig:
         baseline=sweep.baseline, pruner_startup_trials=sweep.pruner_startup_trials,
         pruner_warmup_steps=sweep.pruner_warmup_steps, heartbeat_s=sweep.heartbeat_s,
         max_retries=sweep.max_retries, max_resource=train.get('num_steps', 0),
-        min_resource=train.get('eval_every', 0), startup_trials=sweep.startup_trials,
+        min_resource=_first_rung(train.get('eval_every', 0), sweep.pruner_warmup_steps),
+        startup_trials=sweep.startup_trials,
         enqueue_base=enqueue_base, llm=llm)
+
+
+def _first_rung(eval_every: int, warmup_steps: int) -> int:
+  """Hyperband's smallest resource: the first evaluation at or after `warmup_steps`, so
+  that, as with the median pruner, no trial is judged before it (e.g. inside a learning-rate
+  warmup, where a slow start says little about the end)."""
+  if eval_every <= 0:
+    return 0
+  return eval_every * max(1, math.ceil(warmup_steps / eval_every))
 
 
 def base_params(space: space_lib.SearchSpace, baseline: str = '') -> dict[str, Any]:
