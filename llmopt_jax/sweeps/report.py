@@ -30,6 +30,7 @@ from llmopt_jax import report as report_lib
 from llmopt_jax.sweeps import stats
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+_ENQUEUED = 'enqueued'  # the proposer of a trial whose values were fixed in advance
 
 
 def write_report(workdir: str, study: optuna.Study, sweep: Any) -> dict:
@@ -52,7 +53,7 @@ def write_report(workdir: str, study: optuna.Study, sweep: Any) -> dict:
                if best else 'Best: no trial has completed yet.')
   notes = [_study_line(record['study']), best_line, *_importance_lines(importances),
            *_ablation_lines(ablation, sweep.baseline), *_plot_lines(plots)]
-  proposed = any(r['proposer'] not in (None, 'enqueued') for r in rows)  # an LLM's study
+  proposed = any(r['proposer'] not in (None, _ENQUEUED) for r in rows)  # an LLM's study
   if proposed:
     record['llm'] = _llm_record(trials)
     notes.insert(1, _llm_line(record['llm']))
@@ -82,7 +83,7 @@ def _proposer(trial: FrozenTrial) -> str | None:
   'enqueued' for values fixed in advance (the base config's, enqueue_base)."""
   if 'proposer' in trial.user_attrs:
     return trial.user_attrs['proposer']
-  return 'enqueued' if 'fixed_params' in trial.system_attrs else None
+  return _ENQUEUED if 'fixed_params' in trial.system_attrs else None
 
 
 def _value_text(value: Any) -> str:
@@ -138,8 +139,7 @@ def _study_record(study: optuna.Study, sweep: Any, rows: list[dict]) -> dict[str
             if complete and pruned else 0.0)
   # The config's names: a study loaded to be reported has Optuna's default pruner, not its own.
   return {'name': study.study_name, 'sampler': sweep.sampler, 'pruner': sweep.pruner,
-          'metric': sweep.metric,
-          'direction': sweep.direction,
+          'metric': sweep.metric, 'direction': sweep.direction,
           'trials_by_state': dict(collections.Counter(r['state'] for r in rows)),
           'trial_seconds': finished, 'pruned_trial_seconds': seconds['PRUNED'],
           'spared_trial_seconds_estimate': spared,
